@@ -1,0 +1,215 @@
+"""Receipts: canonical JSON, Ed25519 signing and verification, and the miner's key file.
+
+The format is shared with the coordinator (see PROTOCOL.md, "Signature format"):
+
+* the message is the receipt without ``signature``, every ``None`` dropped recursively
+  (list items too), dumped with sorted keys, compact separators and ``ensure_ascii=True``,
+  encoded UTF-8;
+* ``signature = {"alg": "Ed25519", "key_id": b64url(public key), "sig": b64url(signature)}``
+  with URL-safe base64 and no padding.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from miner.errors import ConfigError, StateError
+
+ALG = "Ed25519"
+KEY_FILE_NAME = "receipt-key.ed25519"
+
+
+class ReceiptVerificationError(ValueError):
+    """A receipt does not verify: malformed, wrong algorithm, wrong key, or tampered."""
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def drop_nones(obj: Any) -> Any:
+    """Return ``obj`` with every ``None`` removed from dicts and lists, recursively."""
+    if isinstance(obj, dict):
+        return {k: drop_nones(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [drop_nones(v) for v in obj if v is not None]
+    return obj
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical bytes of ``obj``: nulls dropped, sorted keys, compact, ASCII-escaped."""
+    return json.dumps(drop_nones(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
+        "utf-8"
+    )
+
+
+def sha256_hex(data: str | bytes) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def key_id(verify_key: VerifyKey) -> str:
+    """The public ``key_id``: URL-safe base64 of the 32-byte public key, no padding."""
+    return b64url(bytes(verify_key))
+
+
+def sign_receipt(receipt: dict[str, Any], signing_key: SigningKey) -> dict[str, Any]:
+    """Return a copy of ``receipt`` with its ``signature`` added.
+
+    ``None`` values are removed from the returned receipt too, so it verifies exactly as
+    sent and as served.
+    """
+    body = drop_nones({k: v for k, v in receipt.items() if k != "signature"})
+    signed = signing_key.sign(canonical_json(body))
+    body["signature"] = {"alg": ALG, "key_id": key_id(signing_key.verify_key), "sig": b64url(signed.signature)}
+    return body
+
+
+def verify_receipt(receipt: dict[str, Any], public_key: str | bytes | VerifyKey | None = None) -> VerifyKey:
+    """Verify ``receipt`` and return the key that signed it.
+
+    ``public_key`` (a ``key_id`` string, 32 raw bytes or a ``VerifyKey``) pins the expected
+    signer; without it the receipt's own ``key_id`` is used, which proves integrity but not
+    identity. Raises :class:`ReceiptVerificationError` with the reason.
+    """
+    if not isinstance(receipt, dict):
+        raise ReceiptVerificationError("a receipt must be a JSON object")
+    sig = receipt.get("signature")
+    if not isinstance(sig, dict):
+        raise ReceiptVerificationError("the receipt has no signature object")
+    if sig.get("alg") != ALG:
+        raise ReceiptVerificationError(f"unsupported signature alg {sig.get('alg')!r}; expected {ALG}")
+    try:
+        embedded = VerifyKey(b64url_decode(str(sig.get("key_id", ""))))
+        raw_sig = b64url_decode(str(sig.get("sig", "")))
+    except (ValueError, TypeError) as exc:
+        raise ReceiptVerificationError(f"malformed signature field: {exc}") from exc
+    if public_key is None:
+        key = embedded
+    elif isinstance(public_key, VerifyKey):
+        key = public_key
+    else:
+        try:
+            key = VerifyKey(b64url_decode(public_key) if isinstance(public_key, str) else public_key)
+        except (ValueError, TypeError) as exc:
+            raise ReceiptVerificationError(f"malformed public key: {exc}") from exc
+    if bytes(key) != bytes(embedded):
+        raise ReceiptVerificationError("the receipt's key_id is not the expected signer's key")
+    body = {k: v for k, v in receipt.items() if k != "signature"}
+    try:
+        key.verify(canonical_json(body), raw_sig)
+    except (BadSignatureError, ValueError) as exc:
+        raise ReceiptVerificationError("the signature does not match the receipt's contents") from exc
+    return key
+
+
+def utc_iso(ts: float) -> str:
+    """ISO 8601 UTC with a ``Z`` suffix, e.g. ``2026-11-28T17:13:21.123456Z``."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def prompt_sha256(prompt: str | None, messages: list[Any] | None) -> str:
+    """SHA-256 of the prompt string, or of the canonical JSON of chat ``messages``."""
+    if prompt is not None:
+        return sha256_hex(prompt)
+    return sha256_hex(canonical_json(messages or []))
+
+
+def build_miner_receipt(
+    *,
+    job_id: str,
+    miner_id: str,
+    model: str,
+    prompt_digest: str,
+    output: str,
+    started_at: float,
+    completed_at: float,
+    gpu_seconds: float,
+    gpu_uuid: str | None,
+    runner: str,
+    model_revision: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The miner's receipt before signing (PROTOCOL.md, "The miner's receipt")."""
+    tokens = {"prompt": prompt_tokens, "completion": completion_tokens}
+    receipt: dict[str, Any] = {
+        "version": "1.0",
+        "receipt_id": secrets.token_hex(16),
+        "job_id": job_id,
+        "miner_id": miner_id,
+        "provider": miner_id,
+        "model": model,
+        "model_revision": model_revision,
+        "prompt_sha256": prompt_digest,
+        "output_sha256": sha256_hex(output),
+        "units": round(max(gpu_seconds, 0.0), 6),
+        "unit_type": "gpu_seconds",
+        "started_at": int(started_at),
+        "completed_at": int(completed_at),
+        "timestamp": utc_iso(completed_at),
+        "gpu_uuid": gpu_uuid or "cpu",
+        "runner": runner,
+        "tokens": {k: v for k, v in tokens.items() if v is not None} or None,
+        "nonce": secrets.token_hex(16),
+    }
+    if extra:
+        receipt.update(extra)
+    return drop_nones(receipt)
+
+
+# --- the miner's key -------------------------------------------------------------------
+
+
+def load_or_create_key(path: Path) -> SigningKey:
+    """Load the 32-byte Ed25519 seed at ``path``, creating it (mode 0600) if absent.
+
+    A key file readable by group or others is refused: the key signs every receipt.
+    """
+    try:
+        if path.exists():
+            return load_key(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = SigningKey.generate()
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(key))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return key
+    except OSError as exc:
+        raise StateError(f"cannot create the receipt key at {path}: {exc.strerror}") from exc
+
+
+def load_key(path: Path) -> SigningKey:
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"receipt key {path} has mode {mode:o}; it must be private: run `chmod 600 {path}`"
+            )
+        seed = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read the receipt key at {path}: {exc.strerror}") from exc
+    if len(seed) != 32:
+        raise ConfigError(f"receipt key {path} is not a 32-byte Ed25519 seed ({len(seed)} bytes); remove it to make a new one")
+    return SigningKey(seed)

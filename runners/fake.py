@@ -1,0 +1,120 @@
+"""The fake runner: deterministic text on the CPU, with a configurable delay and failures.
+
+It is the test runner and the demo's fallback, and never imports torch. Output depends
+only on the model name, the prompt (or messages), ``seed`` and ``max_new_tokens``, so a
+job re-run anywhere gives the same text. Options in the ``[[models]]`` table:
+
+``delay_s``        seconds each job takes (default 0.05)
+``load_delay_s``   seconds ``start()`` takes (to exercise warm-up paths)
+``fail_mode``      ``none`` | ``error`` | ``oom`` | ``exception`` | ``hang``
+``fail_marker``    when set, ``fail_mode`` applies only to prompts containing it
+``max_new_tokens`` the default and the cap for a job's ``max_new_tokens``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from miner.errors import ErrorCode, JobError
+from miner.receipts import canonical_json
+from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
+from runners.params import apply_stop
+
+_WORDS = (
+    "gpu tensor block token lattice kernel ledger miner proof epoch shard cache warp "
+    "stream vector matrix signal relay beacon quorum nonce"
+).split()
+
+
+class FakeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delay_s: float = Field(0.05, ge=0, le=3600)
+    load_delay_s: float = Field(0.0, ge=0, le=3600)
+    fail_mode: Literal["none", "error", "oom", "exception", "hang"] = "none"
+    fail_marker: str | None = None
+    max_new_tokens: int = Field(32, ge=1, le=100_000)
+
+
+def fake_text(model: str, prompt_key: str, seed: int | None, n_words: int) -> str:
+    """The deterministic output for these inputs (exported so tests can predict it)."""
+    words = []
+    counter = 0
+    while len(words) < n_words:
+        digest = hashlib.sha256(f"{model}|{seed}|{prompt_key}|{counter}".encode()).digest()
+        words.extend(_WORDS[b % len(_WORDS)] for b in digest)
+        counter += 1
+    return " ".join(words[:n_words])
+
+
+class FakeRunner:
+    """Deterministic CPU runner; see the module docstring for its options."""
+
+    name: ClassVar[str] = "fake"
+
+    def __init__(self, specs: Sequence[ModelSpec], context: RunnerContext) -> None:
+        self._specs = {spec.name: spec for spec in specs}
+        self._options: dict[str, FakeOptions] = {}
+        self._context = context
+        self._closed = False
+
+    async def start(self) -> None:
+        self._options = {name: parse_options(FakeOptions, spec) for name, spec in self._specs.items()}
+        delay = max((o.load_delay_s for o in self._options.values()), default=0.0)
+        if delay:
+            await asyncio.sleep(delay)
+
+    def ready_models(self) -> list[str]:
+        return [] if self._closed else list(self._options)
+
+    async def run(self, job: Job) -> RunResult:
+        options = self._options.get(job.model)
+        if options is None:
+            raise JobError(ErrorCode.MODEL_NOT_SERVED, f"model {job.model!r} is not served by the fake runner")
+        request = job.request
+        prompt_key = request.prompt if request.prompt is not None else canonical_json(list(request.messages or ())).decode()
+        failing = options.fail_mode != "none" and (options.fail_marker is None or options.fail_marker in prompt_key)
+        started = time.monotonic()
+        await self._wait(job, None if failing and options.fail_mode == "hang" else options.delay_s)
+        if failing:
+            if options.fail_mode == "error":
+                raise JobError(ErrorCode.RUNNER_ERROR, "the fake runner was configured to fail this job")
+            if options.fail_mode == "oom":
+                raise JobError(ErrorCode.OUT_OF_MEMORY, "the fake runner simulated running out of GPU memory")
+            if options.fail_mode == "exception":
+                raise RuntimeError("the fake runner raised an unexpected exception")
+        n_words = min(request.params.max_new_tokens or options.max_new_tokens, options.max_new_tokens)
+        text, stopped = apply_stop(fake_text(job.model, prompt_key, request.params.seed, n_words), request.params.stop)
+        gpu = self._context.gpus[0] if self._context.gpus else None
+        return RunResult(
+            output=text,
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=len(prompt_key.split()),
+            completion_tokens=len(text.split()),
+            ttft_ms=0.0,
+            model_revision="fake-1",
+            device="cpu",
+            gpu_uuid=gpu.uuid if gpu else None,
+            gpu_seconds=time.monotonic() - started,
+        )
+
+    async def _wait(self, job: Job, seconds: float | None) -> None:
+        """Sleep ``seconds`` (forever when ``None``), stopping early on cancel or deadline."""
+        end = None if seconds is None else time.monotonic() + seconds
+        while True:
+            job.raise_if_stopped()
+            left = 0.05 if end is None else end - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, 0.05))
+
+    async def health(self) -> RunnerHealth:
+        return RunnerHealth(ok=not self._closed, models={name: "ready" for name in self.ready_models()})
+
+    async def aclose(self) -> None:
+        self._closed = True
