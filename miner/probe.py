@@ -1,0 +1,136 @@
+"""``aitbc-miner probe``: what this host would register, without registering.
+
+Prints the GPUs NVML sees (or CPU mode), the driver and CUDA versions, each configured
+model with its runner and whether that runner can be imported, and the ``capabilities``
+object the daemon would send. Without ``--config`` and without the default config file it
+prints the hardware part only. It never creates the receipt key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from miner import __version__
+from miner.capabilities import build_capabilities
+from miner.errors import ConfigError, StateError
+from miner.gpu import probe_gpus
+from runners.base import GpuInfo
+
+GIB_PER_MIB = 1 / 1024
+
+
+def _key_id(state_dir: Path) -> tuple[str | None, str]:
+    from miner.receipts import KEY_FILE_NAME, key_id, load_key
+
+    path = state_dir / KEY_FILE_NAME
+    if not path.exists():
+        return None, f"no receipt key yet at {path} (created on first run, or by `aitbc-miner keygen`)"
+    try:
+        return key_id(load_key(path).verify_key), f"receipt key {path}"
+    except (ConfigError, StateError) as exc:
+        return None, f"receipt key unusable: {exc}"
+
+
+def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
+    """Everything ``probe`` reports, as a JSON-ready dict (``--json`` prints it as is)."""
+    from miner.settings import DEFAULT_CONFIG, load_settings
+
+    settings = None
+    if config is not None or DEFAULT_CONFIG.exists():
+        settings = load_settings(config)
+    gpus: list[GpuInfo] = []
+    if settings is None or settings.gpus.enabled:
+        gpus = probe_gpus(nvml, settings.gpus.devices if settings else ())
+    report: dict[str, Any] = {
+        "version": __version__,
+        "config": str(settings.config_path) if settings and settings.config_path else None,
+        "gpu_enabled": settings.gpus.enabled if settings else True,
+        "driver_version": next((g.driver_version for g in gpus if g.driver_version), None),
+        "cuda": next((g.cuda_version for g in gpus if g.cuda_version), None),
+        "gpus": [dataclasses.asdict(g) for g in gpus],
+        "models": [],
+        "capabilities": None,
+    }
+    if settings is None:
+        return report
+    from runners import runner_status
+
+    status = runner_status()
+    runners: dict[str, list[str]] = {}
+    for spec in settings.models:
+        state = status.get(spec.runner, f"unknown runner {spec.runner!r}; known: {', '.join(sorted(status))}")
+        report["models"].append({"name": spec.name, "runner": spec.runner, "runner_status": state})
+        if state == "available":
+            runners.setdefault(spec.runner, []).append(spec.name)
+    key_id, key_note = _key_id(settings.state_dir)
+    report.update(
+        miner_id=settings.miner_id,
+        coordinator=settings.coordinator.url,
+        concurrency=settings.effective_concurrency(len(gpus)),
+        receipt_key=key_note,
+        capabilities=build_capabilities(
+            gpus=gpus,
+            models=[name for names in runners.values() for name in names],
+            price=settings.price,
+            region=settings.region,
+            key_id=key_id,
+            runners=runners,
+        ),
+    )
+    return report
+
+
+def _gpu_line(g: dict[str, Any]) -> str:
+    parts = [f"GPU {g['index']}: {g['name']}", g["uuid"], f"{g['memory_total_mb'] * GIB_PER_MIB:.1f} GiB"]
+    if g["memory_free_mb"] is not None:
+        parts[-1] += f" ({g['memory_free_mb'] * GIB_PER_MIB:.1f} GiB free)"
+    if g["compute_capability"]:
+        parts.append(f"compute {g['compute_capability']}")
+    for key, unit in (("utilization_pct", "% busy"), ("temperature_c", " C"), ("power_w", " W")):
+        if g[key] is not None:
+            parts.append(f"{g[key]:.0f}{unit}")
+    return "  ".join(parts)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    lines = [f"aitbc-miner {report['version']}"]
+    if not report["gpu_enabled"]:
+        lines.append("GPUs: disabled by gpus.enabled = false (CPU mode)")
+    elif report["gpus"]:
+        lines.append(f"NVIDIA driver {report['driver_version'] or 'unknown'}, CUDA {report['cuda'] or 'unknown'}")
+        lines.extend(_gpu_line(g) for g in report["gpus"])
+    else:
+        lines.append("GPUs: none found (CPU mode)")
+    if report["config"] is None and report["capabilities"] is None:
+        lines.append("config: none (pass --config PATH to see models and the capabilities to register)")
+        return "\n".join(lines)
+    lines.append(f"config: {report['config'] or '(environment only)'}")
+    lines.append(f"miner {report['miner_id']} -> {report['coordinator']}, {report['concurrency']} job(s) in flight")
+    lines.append("models:")
+    for m in report["models"]:
+        lines.append(f"  {m['name']}: runner {m['runner']} ({m['runner_status']})")
+    lines.append(report["receipt_key"])
+    lines.append("capabilities to register (models appear once their runner has loaded them):")
+    lines.append(json.dumps(report["capabilities"], indent=2, sort_keys=True))
+    return "\n".join(lines)
+
+
+def probe_command(args: Any, nvml: Any = None) -> int:
+    """Print the probe report; 0, or a ConfigError for the CLI to print (exit 2).
+
+    Log lines (such as the no-driver warning) go to stderr so ``--json`` stays parseable.
+    """
+    import sys
+
+    from miner.logs import configure_logging
+
+    configure_logging("info", "auto", stream=sys.stderr)
+    report = gather(getattr(args, "config", None), nvml)
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_text(report))
+    return 0
