@@ -1,0 +1,86 @@
+"""Authentication and rate limiting, as FastAPI dependencies.
+
+Clients and miners both send ``X-Api-Key``; a job belongs to the hash of the client key
+that submitted it (keys themselves are never stored). A miner is named by ``X-Miner-ID``,
+or by its key when the header is absent (as the reference service does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Awaitable, Callable
+
+from fastapi import Header, Request, Security
+from fastapi.security import APIKeyHeader
+
+from coordinator.errors import ApiError
+from coordinator.ratelimit import retry_after_header
+from coordinator.state import config_of
+
+API_KEY = APIKeyHeader(name="X-Api-Key", auto_error=False, description="client or miner API key")
+MAX_MINER_ID = 128
+
+
+def key_owner(api_key: str) -> str:
+    """The stable, non-secret name of a client key (jobs are stored under it)."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+
+
+def is_known_key(api_key: str | None, keys: frozenset[str]) -> bool:
+    if not api_key:
+        return False
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(key.encode("utf-8"), api_key.encode("utf-8", "surrogatepass"))
+    return found
+
+
+def client_auth(category: str) -> Callable[..., Awaitable[str]]:
+    """A dependency returning the caller's owner id, after the ``category`` rate limit."""
+
+    async def dependency(request: Request, api_key: str | None = Security(API_KEY)) -> str:
+        config = config_of(request)
+        if not is_known_key(api_key, config.client_keys):
+            raise ApiError(401, "Invalid API key")
+        assert api_key is not None
+        owner = key_owner(api_key)
+        limits = config.rate_limits
+        if limits is not None:
+            limit = limits.limit(category)
+            wait = config.client_buckets.take((category, owner), limit, limits.window_s)
+            if wait is not None:
+                raise ApiError(
+                    429,
+                    f"Rate limit exceeded: {limit} {category} requests per {limits.window_s:g} s per API key",
+                    headers={"Retry-After": retry_after_header(wait)},
+                )
+        return owner
+
+    return dependency
+
+
+def miner_auth(endpoint: str) -> Callable[..., Awaitable[str]]:
+    """A dependency returning the calling miner's id (reference-mode limits applied)."""
+
+    async def dependency(
+        request: Request,
+        api_key: str | None = Security(API_KEY),
+        x_miner_id: str | None = Header(None, alias="X-Miner-ID", max_length=MAX_MINER_ID,
+                                  description="miner id (default: the API key)"),
+    ) -> str:
+        config = config_of(request)
+        limits = config.behaviour.miner_rate_limits
+        if limits is not None:
+            host = request.client.host if request.client else "unknown"
+            if not config.miner_windows.take((endpoint, host), getattr(limits, endpoint), limits.window_s):
+                raise ApiError(429, "Rate limit exceeded", headers={"Retry-After": retry_after_header(limits.window_s)})
+        if not is_known_key(api_key, config.miner_keys):
+            raise ApiError(401, "Invalid API key")
+        miner_id = x_miner_id if x_miner_id is not None else api_key
+        assert miner_id is not None
+        if not miner_id.strip() or len(miner_id) > MAX_MINER_ID:
+            raise ApiError(422, f"X-Miner-ID: must be 1 to {MAX_MINER_ID} characters")
+        return miner_id
+
+    return dependency

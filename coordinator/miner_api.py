@@ -1,0 +1,114 @@
+"""The miner endpoints of PROTOCOL.md section B: register, heartbeat, poll, result, fail."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from coordinator.auth import miner_auth
+from coordinator.errors import ApiError
+from coordinator.models import (
+    FailAnswer,
+    FailRequest,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    JobState,
+    PollAnswer,
+    PollRequest,
+    RegisterAnswer,
+    RegisterRequest,
+    ResultAnswer,
+    ResultRequest,
+    error_responses,
+)
+from coordinator.outcomes import submit_failure, submit_result
+from coordinator.state import config_of, dispatcher_of
+from miner.receipts import ALG, b64url_decode
+
+router = APIRouter(prefix="/v1/miners", tags=["miner"])
+
+CONSTRAINT_FIELDS = ("gpu", "gpu_type", "min_vram_gb", "min_gpu_memory", "cuda", "models", "region", "max_price")
+JobId = Path(..., min_length=1, max_length=128)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(400, 401, 413, 422, 429, *codes)
+
+
+def receipt_key_of(capabilities: dict[str, Any]) -> str | None:
+    """The registered receipt signer's ``key_id``, validated; ``None`` when not given."""
+    raw = capabilities.get("receipt_key")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(422, 'capabilities.receipt_key: must be an object {"alg": "Ed25519", "key_id": "..."}')
+    if raw.get("alg") != ALG:
+        raise ApiError(422, f"capabilities.receipt_key.alg: must be {ALG!r}")
+    key_id = raw.get("key_id")
+    try:
+        valid = isinstance(key_id, str) and len(b64url_decode(key_id)) == 32
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ApiError(422, "capabilities.receipt_key.key_id: must be the url-safe base64 of a 32-byte Ed25519 key")
+    return key_id  # type: ignore[return-value]
+
+
+@router.post("/register", response_model=RegisterAnswer, responses=_errors())
+async def register(body: RegisterRequest, request: Request,
+                   miner_id: str = Depends(miner_auth("register"))) -> RegisterAnswer:
+    """Register (or re-register) a miner; a re-registering miner's RUNNING jobs are requeued."""
+    key = receipt_key_of(body.capabilities)
+    token = dispatcher_of(request).register(miner_id, body.capabilities, body.concurrency, body.region, key)
+    return RegisterAnswer(status="ok", session_token=token)
+
+
+@router.post("/heartbeat", response_model=HeartbeatAnswer, response_model_exclude_none=True,
+             responses=_errors(404))
+async def heartbeat(request: Request, body: HeartbeatRequest | None = None,
+                    miner_id: str = Depends(miner_auth("heartbeat"))) -> HeartbeatAnswer:
+    """Renew the miner's lease; the answer lists its jobs cancelled by their clients."""
+    body = body or HeartbeatRequest()
+    cancelled = dispatcher_of(request).heartbeat(miner_id, body.inflight, body.status)
+    return HeartbeatAnswer(status="ok", cancelled_jobs=cancelled)
+
+
+@router.post("/poll", response_model=PollAnswer,
+             responses={204: {"description": "no job for this miner"}, **_errors(404)})
+async def poll(request: Request, body: PollRequest | None = None,
+               miner_id: str = Depends(miner_auth("poll"))) -> Any:
+    """Claim the oldest matching job, holding the request up to ``max_wait_seconds`` for one."""
+    wait = body.max_wait_seconds if body else 0.0
+    job = await dispatcher_of(request).poll(miner_id, wait, disconnected=lambda: _hang_up(request))
+    if job is None:
+        return Response(status_code=204)
+    constraints = {name: None for name in CONSTRAINT_FIELDS}
+    constraints.update(job.constraints)
+    return PollAnswer(job_id=job.job_id, payload=job.payload, constraints=constraints,
+                      expires_at=datetime.fromtimestamp(job.expires_at, tz=timezone.utc))
+
+
+async def _hang_up(request: Request) -> None:
+    """Return when the client disconnects (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post("/{job_id}/result", response_model=ResultAnswer, responses=_errors(404, 409))
+async def result(body: ResultRequest, request: Request, job_id: str = JobId,
+                 miner_id: str = Depends(miner_auth("result"))) -> ResultAnswer:
+    """Complete a job with its output and the miner's signed receipt."""
+    config = config_of(request)
+    submit_result(dispatcher_of(request), miner_id, job_id, body.model_dump(exclude_unset=True),
+                  require_receipt=config.require_receipts)
+    return ResultAnswer(status="ok", receipt=None)
+
+
+@router.post("/{job_id}/fail", response_model=FailAnswer, responses=_errors(404, 409))
+async def fail(body: FailRequest, request: Request, job_id: str = JobId,
+               miner_id: str = Depends(miner_auth("fail"))) -> FailAnswer:
+    """Fail a job; ``SHUTDOWN`` requeues it while its TTL allows."""
+    state = submit_failure(dispatcher_of(request), miner_id, job_id, body.model_dump())
+    return FailAnswer(status="ok", state=JobState(state))

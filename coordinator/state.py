@@ -1,0 +1,38 @@
+"""What the routes need from the app: its configuration and its dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.dispatch import Dispatcher
+from coordinator.quirks import Behaviour
+from coordinator.ratelimit import ClientRateLimits, FixedWindows, TokenBuckets
+
+
+@dataclass
+class AppConfig:
+    """Everything :func:`create_app` was given; kept on ``app.state.config``."""
+
+    db_path: Path
+    client_keys: frozenset[str]
+    miner_keys: frozenset[str]
+    lease_seconds: float
+    rate_limits: ClientRateLimits | None
+    behaviour: Behaviour
+    max_body_bytes: int
+    max_poll_wait: float
+    clock: Callable[[], float]
+    require_receipts: bool
+    client_buckets: TokenBuckets = field(default_factory=TokenBuckets)
+    miner_windows: FixedWindows = field(default_factory=FixedWindows)
+
+
+def dispatcher_of(request: Any) -> Dispatcher:
+    """The running app's dispatcher (created by the lifespan)."""
+    return request.app.state.dispatcher
+
+
+def config_of(request: Any) -> AppConfig:
+    return request.app.state.config
