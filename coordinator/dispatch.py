@@ -26,7 +26,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from coordinator.errors import MINER_NOT_REGISTERED, ApiError, not_found
 from coordinator.quirks import Behaviour
@@ -163,18 +163,26 @@ class Dispatcher:
         return miner
 
     def register(self, miner_id: str, capabilities: dict[str, Any], concurrency: int, region: str | None,
-                 receipt_key: str | None) -> str:
-        """Register (or re-register) a miner; a re-registering miner's RUNNING jobs are requeued."""
+                 receipt_key: str | None, held_jobs: Iterable[str] = ()) -> str:
+        """Register (or re-register) a miner; its RUNNING jobs not in ``held_jobs`` are requeued.
+
+        A restarted miner holds nothing, so all its RUNNING jobs go back to the queue at
+        once; a miner that re-registers to update its capabilities keeps what it runs.
+        """
         now = self.clock()
         token = secrets.token_hex(16)
-        requeued = self.store.running_jobs(miner_id)
+        held = set(held_jobs)
+        running = self.store.running_jobs(miner_id)
+        requeued = [job for job in running if job.job_id not in held]
         with self.store.transaction() as conn:
             self.store.upsert_miner(conn, MinerRow(miner_id, capabilities, concurrency, region, "ONLINE", 0, now,
                                                    now, token, receipt_key))
             for job in requeued:
                 self.requeue(conn, job, now)
-            conn.execute("UPDATE jobs SET cancel_pending = 0 WHERE assigned_miner_id = ? AND cancel_pending = 1",
-                         (miner_id,))
+            stale = [row[0] for row in conn.execute(
+                "SELECT job_id FROM jobs WHERE assigned_miner_id = ? AND cancel_pending = 1", (miner_id,))]
+            conn.executemany("UPDATE jobs SET cancel_pending = 0 WHERE job_id = ?",
+                             [(job_id,) for job_id in stale if job_id not in held])
         self.after_requeue(requeued, now)
         return token
 

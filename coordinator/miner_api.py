@@ -59,9 +59,10 @@ def receipt_key_of(capabilities: dict[str, Any]) -> str | None:
 @router.post("/register", response_model=RegisterAnswer, responses=_errors())
 async def register(body: RegisterRequest, request: Request,
                    miner_id: str = Depends(miner_auth("register"))) -> RegisterAnswer:
-    """Register (or re-register) a miner; a re-registering miner's RUNNING jobs are requeued."""
+    """Register (or re-register) a miner; its RUNNING jobs not in ``held_jobs`` are requeued."""
     key = receipt_key_of(body.capabilities)
-    token = dispatcher_of(request).register(miner_id, body.capabilities, body.concurrency, body.region, key)
+    token = dispatcher_of(request).register(miner_id, body.capabilities, body.concurrency, body.region, key,
+                                            held_jobs=body.held_jobs or ())
     return RegisterAnswer(status="ok", session_token=token)
 
 

@@ -191,6 +191,10 @@ class RegisterRequest(RequestModel):
     capabilities: dict[str, Any]
     concurrency: Annotated[int, Field(ge=1, le=1024), NO_BOOL_OR_STR] = 1
     region: str | None = None
+    held_jobs: list[str] | None = Field(
+        None, max_length=4096,
+        description="ids of RUNNING jobs this miner still holds; its other RUNNING jobs are requeued "
+                    "(absent: a restarted miner, every RUNNING job of it is requeued)")
 
 
 class RegisterAnswer(BaseModel):

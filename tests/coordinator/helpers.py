@@ -42,8 +42,10 @@ class ScriptedMiner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def register(self, concurrency: int = 1, **caps: Any) -> httpx.Response:
-        body = {"capabilities": capabilities(self.key, **caps), "concurrency": concurrency}
+    def register(self, concurrency: int = 1, held_jobs: list[str] | None = None, **caps: Any) -> httpx.Response:
+        body: dict[str, Any] = {"capabilities": capabilities(self.key, **caps), "concurrency": concurrency}
+        if held_jobs is not None:
+            body["held_jobs"] = held_jobs
         response = self.http.post("/v1/miners/register", json=body)
         assert response.status_code == 200, response.text
         return response

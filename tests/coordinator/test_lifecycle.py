@@ -87,6 +87,21 @@ def test_reregistering_miner_loses_its_running_jobs_to_the_queue(coordinator: Ru
         assert miner.claim()["job_id"] == job_id
 
 
+def test_reregistering_with_held_jobs_keeps_them_and_requeues_the_rest(coordinator: RunningCoordinator,
+                                                                       coordinator_client: Client) -> None:
+    """A miner that re-registers to update its capabilities keeps the jobs it lists in held_jobs."""
+    kept = coordinator_client.submit_job(PAYLOAD)["job_id"]
+    lost = coordinator_client.submit_job(PAYLOAD)["job_id"]
+    with ScriptedMiner(coordinator) as miner:
+        miner.register(concurrency=2)
+        assert {miner.claim()["job_id"], miner.claim()["job_id"]} == {kept, lost}
+        miner.register(concurrency=2, held_jobs=[kept])
+        assert coordinator_client.get_job(kept)["state"] == "RUNNING"
+        assert coordinator_client.get_job(lost)["state"] == "QUEUED"
+        assert miner.result(kept).status_code == 200
+    assert coordinator_client.get_job(kept)["state"] == "COMPLETED"
+
+
 def test_missed_heartbeats_requeue_running_jobs(tmp_path: Path) -> None:
     """A miner silent for longer than the lease loses its RUNNING jobs back to the queue; a live miner keeps its own."""
     with run_coordinator(tmp_path / "c.db", rate_limits=None, lease_seconds=0.6) as coord:
