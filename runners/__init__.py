@@ -1,7 +1,10 @@
 """Runner registry: built-ins by ``"module:Class"`` string, imported only when chosen,
 plus third-party runners from the ``aitbc_miner.runners`` entry-point group.
 
-A plugin that fails to import is reported by :func:`discover` and skipped, never fatal.
+A plugin that fails to import, or does not implement the runner protocol, is reported by
+:func:`runner_status` (what ``aitbc-miner probe`` lists) and skipped, never fatal; it is
+an error only when a ``[[models]]`` entry names it. The protocol is in
+:mod:`runners.base`; ``docs/plugins.md`` shows a third-party runner end to end.
 """
 
 from __future__ import annotations
@@ -32,12 +35,34 @@ def import_from_string(target: str) -> Any:
         raise ImportError(f"module {module_name!r} has no attribute {attr!r}") from exc
 
 
+# What a runner class must provide (runners.base.Runner); checked when it is imported.
+RUNNER_MEMBERS = ("name", "start", "ready_models", "run", "health", "aclose")
+
+
 def discover() -> dict[str, str]:
-    """Every runner name and where it comes from: built-ins, then entry-point plugins."""
+    """Every runner name and where it comes from: built-ins, then entry-point plugins.
+
+    A plugin never replaces a built-in of the same name. Unreadable package metadata
+    is skipped rather than stopping the miner.
+    """
     found = dict(BUILTIN_RUNNERS)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    try:
+        plugins = list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception:  # broken metadata of some installed package: no plugins, not a crash
+        plugins = []
+    for ep in plugins:
         found.setdefault(ep.name, ep.value)
     return found
+
+
+def missing_members(cls: Any) -> list[str]:
+    """The runner-protocol members ``cls`` lacks (empty when it looks like a runner)."""
+    if not isinstance(cls, type):
+        return ["a class"]
+    missing = [m for m in RUNNER_MEMBERS[1:] if not callable(getattr(cls, m, None))]
+    if not isinstance(getattr(cls, "name", None), str):
+        missing.insert(0, "name")
+    return missing
 
 
 def load_runner_class(name: str) -> type:
@@ -50,10 +75,15 @@ def load_runner_class(name: str) -> type:
             f"(third-party runners register in the {ENTRY_POINT_GROUP!r} entry-point group)"
         )
     try:
-        return import_from_string(target)
-    except ImportError as exc:
+        cls = import_from_string(target)
+    except Exception as exc:  # a plugin may raise anything while importing
         hint = " (install the extra: pip install 'aitbc-miner[transformers]')" if name == "transformers" else ""
-        raise ConfigError(f"runner {name!r} cannot be imported: {exc}{hint}") from exc
+        what = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"runner {name!r} cannot be imported: {what}{hint}") from exc
+    missing = missing_members(cls)
+    if missing:
+        raise ConfigError(f"runner {name!r} ({target}) does not implement the runner protocol: missing {', '.join(missing)}")
+    return cls
 
 
 def runner_status() -> dict[str, str]:
@@ -61,9 +91,10 @@ def runner_status() -> dict[str, str]:
     status = {}
     for name, target in discover().items():
         try:
-            import_from_string(target)
+            cls = import_from_string(target)
         except Exception as exc:  # a broken plugin is reported, never fatal
             status[name] = f"unavailable: {type(exc).__name__}: {exc}"
-        else:
-            status[name] = "available"
+            continue
+        missing = missing_members(cls)
+        status[name] = f"unavailable: not a runner (missing {', '.join(missing)})" if missing else "available"
     return status
