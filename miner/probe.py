@@ -54,11 +54,12 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
         "models": [],
         "capabilities": None,
     }
-    if settings is None:
-        return report
     from runners import runner_status
 
-    status = runner_status()
+    # Every runner, built-in or installed plugin, with whether it can be imported here.
+    status = report["runners"] = runner_status()
+    if settings is None:
+        return report
     runners: dict[str, list[str]] = {}
     for spec in settings.models:
         state = status.get(spec.runner, f"unknown runner {spec.runner!r}; known: {', '.join(sorted(status))}")
@@ -104,6 +105,8 @@ def render_text(report: dict[str, Any]) -> str:
         lines.extend(_gpu_line(g) for g in report["gpus"])
     else:
         lines.append("GPUs: none found (CPU mode)")
+    lines.append("runners:")
+    lines.extend(f"  {name}: {state}" for name, state in sorted(report["runners"].items()))
     if report["config"] is None and report["capabilities"] is None:
         lines.append("config: none (pass --config PATH to see models and the capabilities to register)")
         return "\n".join(lines)
