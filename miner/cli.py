@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--client-key", action="append", default=[], help="client API key (repeatable)")
     coord.add_argument("--miner-key", action="append", default=[], help="miner API key (repeatable)")
     coord.add_argument("--lease-seconds", type=float, default=60.0, help="miner lease without heartbeats")
+    coord.add_argument(
+        "--quirks",
+        choices=["reference"],
+        default=None,
+        help="emulate the reference service's quirks (PROTOCOL.md section B) for miner tests",
+    )
+    coord.add_argument("--no-rate-limits", action="store_true", help="turn off the per-client-key rate limits")
+    coord.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     coord.set_defaults(func=_cmd_coordinator)
 
     demo = sub.add_parser("demo", help="run a local coordinator and a miner, submit a job, show the verified receipt")

@@ -1,0 +1,247 @@
+"""Delivery: from the outbox to the coordinator, until each outcome is acknowledged.
+
+:class:`Deliverer` stores an outcome (``Outbox.put`` in a worker thread), submits it, and
+acknowledges or rejects it by the answer:
+
+* 2xx → acknowledged: removed from the outbox;
+* any other 4xx but 401/403/429 (``job not found``, ``409`` already settled, ``422``)
+  → the coordinator will never take it: moved to ``outbox/rejected/`` and logged;
+* unavailable, 429, 401/403 → kept and retried by :meth:`Deliverer.run` with backoff
+  (``Retry-After`` for 429);
+* 404 "miner not registered" → kept; ``on_not_registered`` asks for a new registration,
+  after which delivery resumes.
+
+One outcome is never submitted by two tasks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import structlog
+
+from miner.coordinator import CoordinatorClient
+from miner.errors import (
+    AuthenticationFailed,
+    CoordinatorError,
+    CoordinatorRejected,
+    ErrorCode,
+    NotRegistered,
+    RateLimited,
+    StateError,
+)
+from miner.outbox import Outbox, OutboxEntry
+from miner.pacing import Backoff
+
+log = structlog.get_logger("miner.delivery")
+
+AUTH_RETRY_S = 30.0
+DISK_PROBE_S = 5.0
+
+
+def hands_back(entry: OutboxEntry) -> bool:
+    """True for an outcome that returns the job to the queue (``SHUTDOWN``): it may come back."""
+    return entry.kind == "fail" and entry.body.get("error_code") == ErrorCode.SHUTDOWN
+
+
+class Deliverer:
+    """Moves outcomes from the outbox to the coordinator (see the module docstring).
+
+    ``on_disk_change(healthy, reason)`` is called when the state folder stops or starts
+    accepting writes, so the daemon can stop or resume claiming; ``on_not_registered()``
+    when the coordinator answers that it does not know this miner.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: CoordinatorClient,
+        *,
+        on_disk_change: Callable[[bool, str], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+        on_not_registered: Callable[[], None] | None = None,
+        disk_probe_s: float = DISK_PROBE_S,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.client = client
+        self.wake = asyncio.Event()
+        self._busy: set[str] = set()
+        self._on_disk_change = on_disk_change
+        self._on_depth = on_depth
+        self._on_not_registered = on_not_registered
+        self._disk_probe_s = disk_probe_s
+        self._backoff = backoff or Backoff(0.5, 10.0)
+        self.delivered = 0
+        self.rejected = 0
+
+    def _depth_changed(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self.outbox))
+
+    async def store(self, entry: OutboxEntry) -> bool:
+        """Persist ``entry`` before submitting it. False when only kept in memory (disk trouble)."""
+        try:
+            await asyncio.to_thread(self.outbox.put, entry)
+        except StateError as exc:
+            log.error("outcome kept in memory only; the state folder refused it", job_id=entry.job_id, error=str(exc))
+            if self._on_disk_change is not None:
+                self._on_disk_change(False, self.outbox.reason)
+            self.wake.set()  # the flusher probes the disk
+            return False
+        finally:
+            self._depth_changed()
+        return True
+
+    async def deliver(self, entry: OutboxEntry) -> bool:
+        """Submit ``entry`` once. True when settled (acked or rejected), False if another task has it.
+
+        Transient errors (:class:`CoordinatorError` other than a rejection) propagate.
+        """
+        if entry.job_id in self._busy:
+            return False
+        self._busy.add(entry.job_id)
+        try:
+            try:
+                if entry.kind == "result":
+                    await self.client.submit_result(entry.job_id, entry.body)
+                else:
+                    body = entry.body
+                    await self.client.fail(
+                        entry.job_id, str(body.get("error_code")), str(body.get("error_message")), body.get("metrics")
+                    )
+            except NotRegistered:
+                if self._on_not_registered is not None:
+                    self._on_not_registered()
+                raise
+            except CoordinatorRejected as exc:
+                log.warning(
+                    "the coordinator will not accept this outcome; moved to outbox/rejected",
+                    job_id=entry.job_id,
+                    kind=entry.kind,
+                    status=exc.status,
+                    reason=str(exc),
+                )
+                await asyncio.to_thread(self.outbox.reject, entry.job_id, str(exc))
+                self.rejected += 1
+                return True
+            await asyncio.to_thread(self.outbox.ack, entry.job_id, remember=not hands_back(entry))
+            self.delivered += 1
+            log.debug("outcome acknowledged", job_id=entry.job_id, kind=entry.kind)
+            return True
+        finally:
+            self._busy.discard(entry.job_id)
+            self._depth_changed()
+
+    async def deliver_now(self, entry: OutboxEntry) -> bool:
+        """The fast path right after a job ends: one try; on failure the flusher takes over."""
+        try:
+            return await self.deliver(entry)
+        except CoordinatorError as exc:
+            log.warning(
+                "could not deliver the outcome yet; it stays in the outbox", job_id=entry.job_id, error=str(exc)
+            )
+            self.wake.set()
+            return False
+
+    async def flush(self) -> int:
+        """Deliver every pending outcome in order; stop at the first transient error (raised).
+
+        Returns how many remain (those another task is delivering right now).
+        """
+        for entry in self.outbox.pending():
+            await self.deliver(entry)
+        return len(self.outbox)
+
+    async def flush_until_empty(
+        self, *, should_stop: Callable[[], bool] = lambda: False, deadline: float | None = None
+    ) -> bool:
+        """Retry :meth:`flush` with backoff until the outbox is empty. True when it is.
+
+        Gives up when ``should_stop()``, at the ``deadline`` (``time.monotonic()``), or at
+        once when the coordinator does not know this miner (registering comes first then).
+        """
+        backoff = Backoff(0.25, 10.0)
+        while True:
+            delay = 0.0
+            try:
+                if await self.flush() == 0:
+                    return True
+                delay = 0.05  # another task holds an entry; look again shortly
+            except NotRegistered:
+                return False
+            except RateLimited as exc:
+                delay = exc.retry_after
+            except AuthenticationFailed as exc:
+                log.error("the coordinator refuses the miner's credentials", error=str(exc))
+                delay = AUTH_RETRY_S
+            except CoordinatorError as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "outbox delivery failed; retrying",
+                    error=str(exc),
+                    pending=len(self.outbox),
+                    retry_in_s=round(delay, 2),
+                )
+            if should_stop():
+                return False
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+
+    async def run(self) -> None:
+        """The flusher loop: wakes on :attr:`wake` or its retry timer; runs until cancelled."""
+        delay: float | None = None
+        while True:
+            timeout = delay
+            if not self.outbox.healthy:
+                timeout = self._disk_probe_s if timeout is None else min(timeout, self._disk_probe_s)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            if not self.outbox.healthy:
+                await self._probe_disk()
+            delay = await self._flush_once()
+
+    async def _flush_once(self) -> float | None:
+        """One flush; the seconds until the next try (``None``: wait to be woken)."""
+        try:
+            await self.flush()
+        except NotRegistered:
+            delay = None  # registering again wakes us
+            log.warning("the coordinator does not know this miner; delivery resumes once it is registered")
+        except RateLimited as exc:
+            delay = exc.retry_after
+            log.warning("result delivery rate limited", retry_in_s=round(delay, 1), pending=len(self.outbox))
+        except AuthenticationFailed as exc:
+            delay = AUTH_RETRY_S
+            log.error("the coordinator refuses the miner's credentials", error=str(exc), retry_in_s=delay)
+        except CoordinatorError as exc:
+            delay = self._backoff.next_delay()
+            log.warning(
+                "outbox delivery failed; retrying",
+                error=str(exc),
+                pending=len(self.outbox),
+                retry_in_s=round(delay, 2),
+            )
+        except Exception as exc:  # a bug must not stop delivery for good
+            delay = self._backoff.next_delay()
+            log.error("unexpected error delivering the outbox; retrying", error_type=type(exc).__name__, exc_info=True)
+        else:
+            self._backoff.reset()
+            # Entries still listed are being delivered inline; a failure there wakes us.
+            delay = None
+        return delay
+
+    async def _probe_disk(self) -> None:
+        if await asyncio.to_thread(self.outbox.recover):
+            if self._on_disk_change is not None:
+                self._on_disk_change(True, "")

@@ -1,0 +1,122 @@
+"""Pacing primitives: jittered exponential backoff, bounded retries, and a token bucket.
+
+Nothing here sleeps with ``time.sleep``: waiting is ``asyncio.sleep`` (or an injected
+``sleep`` for tests), so callers never block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import structlog
+
+from miner.errors import CoordinatorUnavailable, RateLimited
+
+log = structlog.get_logger("miner.pacing")
+
+T = TypeVar("T")
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": each delay is in ``[d/2, d]`` where ``d``
+    doubles from ``base_s`` up to ``max_s``. ``reset()`` after a success.
+    """
+
+    def __init__(self, base_s: float = 0.5, max_s: float = 30.0, *, rng: Callable[[], float] = random.random) -> None:
+        if base_s <= 0 or max_s < base_s:
+            raise ValueError("need 0 < base_s <= max_s")
+        self.base_s = base_s
+        self.max_s = max_s
+        self._rng = rng
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.base_s * (2 ** min(self.failures, 32)))
+        self.failures += 1
+        return ceiling / 2 + self._rng() * ceiling / 2
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int = 5,
+    backoff: Backoff | None = None,
+    max_retry_after_s: float = 300.0,
+    sleep: Sleep = asyncio.sleep,
+) -> T:
+    """Await ``call()`` up to ``attempts`` times.
+
+    Transient failures (:class:`CoordinatorUnavailable`) wait a jittered backoff; a
+    :class:`RateLimited` answer waits its ``retry_after`` (capped at ``max_retry_after_s``).
+    Every retry logs the attempts left. Any other error, or the last failure, propagates.
+    """
+    backoff = backoff or Backoff()
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except (CoordinatorUnavailable, RateLimited) as exc:
+            left = attempts - attempt
+            if left <= 0:
+                raise
+            if isinstance(exc, RateLimited):
+                delay = min(exc.retry_after, max_retry_after_s)
+            else:
+                delay = backoff.next_delay()
+            log.warning(
+                "coordinator call failed; retrying",
+                call=what,
+                error=str(exc),
+                attempts_left=left,
+                retry_in_s=round(delay, 2),
+            )
+            await sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+class TokenBucket:
+    """At most ``rate_per_minute`` acquisitions per minute on average, bursts up to ``capacity``.
+
+    Shared by every claim loop so the total poll rate stays under the coordinator's limit
+    however many slots there are. ``clock`` is monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        rate_per_minute: float,
+        capacity: float = 1.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate_per_minute <= 0 or capacity < 1:
+            raise ValueError("need rate_per_minute > 0 and capacity >= 1")
+        self.rate_per_s = rate_per_minute / 60.0
+        self.capacity = float(capacity)
+        self._tokens = float(capacity)
+        self._clock = clock
+        self._sleep = sleep
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
+        self._stamp = now
+
+    async def acquire(self) -> None:
+        """Wait until a token is available and take it (first come, first served)."""
+        async with self._lock:
+            while True:
+                self._refill()
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await self._sleep((1.0 - self._tokens) / self.rate_per_s)

@@ -1,0 +1,143 @@
+"""The miner's devices and runners: GPUs probed through NVML, one runner per runner name.
+
+:func:`start_runtime` probes the GPUs (unless a list is given), builds each runner named
+in ``[[models]]`` with the models that name it, and awaits ``start()`` on each (a runner
+that fails to start raises :class:`ConfigError`). Every configured model stays mapped to
+its runner; :meth:`Runtime.ready_models` says which of them may be advertised *now* (an
+engine that is down at start, or restarts later, changes that set over time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import structlog
+
+from miner.gpu import Nvml
+from miner.metrics import MinerMetrics
+from miner.settings import MinerSettings
+from runners import load_runner_class
+from runners.base import GpuInfo, ModelSpec, Runner, RunnerContext
+
+log = structlog.get_logger("miner.runtime")
+
+CLOSE_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Runtime:
+    """GPUs, started runners, and which runner serves which configured job-facing model."""
+
+    gpus: list[GpuInfo]
+    runners: dict[str, Runner] = field(default_factory=dict)
+    runners_by_model: dict[str, Runner] = field(default_factory=dict)  # every configured model
+    nvml: Nvml | None = None
+
+    def ready_models(self) -> list[str]:
+        """Configured models their runner reports ready now (sorted); a broken runner counts as none."""
+        ready: set[str] = set()
+        for name, runner in self.runners.items():
+            try:
+                ready.update(runner.ready_models())
+            except Exception as exc:  # a runner bug must not stop heartbeats
+                log.warning(
+                    "runner.ready_models() failed; treating its models as not ready", runner=name, error=str(exc)
+                )
+        return sorted(m for m in ready if m in self.runners_by_model)
+
+    def models_by_runner(self, models: Sequence[str] | None = None) -> dict[str, list[str]]:
+        """Runner name -> its models (``models`` restricts to those, e.g. the ready ones)."""
+        wanted = set(self.runners_by_model if models is None else models)
+        out: dict[str, list[str]] = {}
+        for model, runner in sorted(self.runners_by_model.items()):
+            if model in wanted:
+                out.setdefault(getattr(runner, "name", type(runner).__name__), []).append(model)
+        return out
+
+    async def gpu_stats(self) -> list[dict[str, Any]]:
+        """Fresh per-GPU readings for the heartbeat (``[]`` in CPU mode); NVML off the loop."""
+        if self.nvml is None or not self.nvml.available:
+            return []
+        try:
+            stats = await asyncio.to_thread(self.nvml.read_stats)
+        except Exception as exc:  # a flaky NVML must not stop heartbeats
+            log.warning("cannot read GPU stats", error=str(exc))
+            return []
+        self.gpus = stats or self.gpus
+        return [{k: v for k, v in dataclasses.asdict(g).items() if v is not None and k in _STAT_FIELDS} for g in stats]
+
+    async def aclose(self) -> None:
+        for name, runner in self.runners.items():
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await runner.aclose()
+            except Exception as exc:
+                log.warning("runner did not close cleanly", runner=name, error=f"{type(exc).__name__}: {exc}")
+        self.runners.clear()
+        if self.nvml is not None:
+            await asyncio.to_thread(self.nvml.close)
+
+
+_STAT_FIELDS = {"index", "uuid", "memory_total_mb", "memory_free_mb", "utilization_pct", "temperature_c", "power_w"}
+
+
+def group_by_runner(models: Sequence[ModelSpec]) -> dict[str, list[ModelSpec]]:
+    groups: dict[str, list[ModelSpec]] = {}
+    for spec in models:
+        groups.setdefault(spec.runner, []).append(spec)
+    return groups
+
+
+async def start_runtime(
+    settings: MinerSettings,
+    *,
+    nvml: Any = None,
+    gpus: Sequence[GpuInfo] | None = None,
+    runner_classes: Mapping[str, type] | None = None,
+    metrics: MinerMetrics | None = None,
+) -> Runtime:
+    """Probe, build and start everything; on failure, what was started is closed again."""
+    runtime = Runtime(gpus=list(gpus) if gpus is not None else [])
+    if gpus is None and settings.gpus.enabled:
+        runtime.nvml = Nvml(nvml)
+        runtime.gpus = await asyncio.to_thread(runtime.nvml.start, settings.gpus.devices)
+    try:
+        free_vram = runtime.nvml.free_vram_probe() if runtime.nvml is not None else None
+        context_gpus = tuple(runtime.gpus)
+        for runner_name, specs in group_by_runner(settings.models).items():
+            cls = (
+                runner_classes[runner_name]
+                if runner_classes and runner_name in runner_classes
+                else load_runner_class(runner_name)
+            )
+            state_dir = settings.state_dir / "runners" / runner_name
+            runner = cls(specs, RunnerContext(gpus=context_gpus, state_dir=state_dir, free_vram_mb=free_vram))
+            started = time.monotonic()
+            runtime.runners[runner_name] = runner
+            await runner.start()
+            ready = set(runner.ready_models())
+            for spec in specs:
+                runtime.runners_by_model[spec.name] = runner
+                if spec.name in ready:
+                    if metrics is not None:
+                        metrics.model_loaded(
+                            model=spec.name, runner=runner_name, load_seconds=time.monotonic() - started
+                        )
+                else:
+                    log.warning(
+                        "model not ready after start; advertised once its runner reports it ready",
+                        model=spec.name,
+                        runner=runner_name,
+                    )
+        if metrics is not None:
+            metrics.set_loaded_models(runtime.ready_models())
+            if runtime.gpus:
+                metrics.set_gpu_stats(runtime.gpus)
+    except BaseException:
+        await runtime.aclose()
+        raise
+    return runtime
