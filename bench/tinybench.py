@@ -1,0 +1,91 @@
+"""Shared pieces of the transformers benchmarks: the model, prompts, raw generate, bandwidth.
+
+Nothing here is timed against a target; :mod:`bench.run` turns the measurements into ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+# The "tiny" model of /work/shared/PERFORMANCE.md: 11.6 M parameters, 16,384-entry tokenizer.
+TINY_SHAPE: dict[str, Any] = {
+    "hidden": 256,
+    "layers": 4,
+    "heads": 4,
+    "intermediate": 688,
+    "vocab_size": 16384,
+    "corpus": "stdlib",
+}
+NEW_TOKENS = 64
+CANDIDATE_PROMPTS = [
+    "def read_config(path):\n    ",
+    "The quick brown fox jumps over the lazy dog.",
+    "class Cache:\n    def __init__(self, size):\n",
+    "import os\nimport sys\n\n",
+    "Once upon a time",
+    "for i in range(10):",
+]
+
+
+def build(folder: Path, **shape: Any) -> Path:
+    """Build the benchmark model (``TINY_SHAPE`` unless overridden) into ``folder``."""
+    from runners.tinyllama import build_tiny_llama
+
+    return build_tiny_llama(folder, **{**TINY_SHAPE, **shape})
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def raw_generate(loaded: Any, prompt: str, new_tokens: int, batch: int = 1) -> int:
+    """Plain greedy ``model.generate`` on the runner's loaded model; returns tokens generated per row."""
+    import torch
+
+    tok = loaded.tokenizer
+    enc = tok([prompt] * batch, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            input_ids=enc["input_ids"].to(loaded.device),
+            attention_mask=enc["attention_mask"].to(loaded.device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=loaded.pad_id,
+        )
+    return int(out.shape[1] - enc["input_ids"].shape[1])
+
+
+def copy_bandwidth(device: str = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (read + write), best of ``repeats``."""
+    import torch
+
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        dst.copy_(src)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    del src, dst
+    return 2 * n * 4 / best
+
+
+async def pick_prompt(runner: Any, model: str, new_tokens: int) -> str:
+    """The first candidate prompt whose greedy continuation runs the full ``new_tokens`` (no EOS)."""
+    from runners.base import Job
+    from runners.params import parse_text_payload
+
+    for prompt in CANDIDATE_PROMPTS:
+        payload = {"model": model, "prompt": prompt, "parameters": {"max_new_tokens": new_tokens}}
+        result = await runner.run(Job("pick", parse_text_payload(payload)))
+        if result.completion_tokens == new_tokens:
+            return prompt
+    raise RuntimeError("every candidate prompt hits EOS early on this model; add a prompt")
