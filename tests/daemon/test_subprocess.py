@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coordinator.client import Client
+from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator, run_coordinator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,38 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _write_config(
     path: Path, coordinator: RunningCoordinator, state_dir: Path, *, drain_grace_s: float = 10.0, **model: Any
 ) -> Path:
-    options = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {"delay_s": 0.05, **model}.items())
-    path.write_text(
-        f"""miner_id = "rig-proc"
-state_dir = "{state_dir}"
-drain_grace_s = {drain_grace_s}
-
-[coordinator]
-url = "{coordinator.url}"
-api_key = "{coordinator.miner_key}"
-poll_interval_s = 0.05
-idle_backoff_max_s = 0.2
-heartbeat_interval_s = 0.5
-long_poll_s = 1
-max_polls_per_minute = 6000
-
-[gpus]
-enabled = false
-
-[metrics]
-enabled = false
-
-[log]
-format = "json"
-
-[[models]]
-name = "llama2"
-runner = "fake"
-{options}
-""",
-        encoding="utf-8",
+    return write_miner_config(
+        path, coordinator, state_dir, miner_id="rig-proc", drain_grace_s=drain_grace_s,
+        models=[{"name": "llama2", "runner": "fake", "delay_s": 0.05, **model}],
     )
-    return path
 
 
 def _start_miner(config: Path, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -78,9 +51,14 @@ def _wait(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
 def _log_events(log_path: Path) -> list[dict[str, Any]]:
     events = []
     for line in log_path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("{"):
+        if line.startswith("{") and line.endswith("}"):  # a line still being written is skipped
             events.append(json.loads(line))
     return events
+
+
+def _claimed(log_path: Path, job_id: str) -> bool:
+    """The miner has the job in hand (the coordinator shows RUNNING a moment earlier, at assignment)."""
+    return any(e["event"] == "job claimed" and e.get("job_id") == job_id for e in _log_events(log_path))
 
 
 def test_sigterm_lets_the_running_job_finish_then_exits_0(
@@ -93,7 +71,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
     log_path = tmp_path / "miner.log"
     proc = _start_miner(config, log_path)
     try:
-        _wait(lambda: coordinator_client.get_job(job_id)["state"] == "RUNNING")
+        _wait(lambda: _claimed(log_path, job_id))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text()
     finally:
@@ -120,7 +98,7 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(
     log_path = tmp_path / "miner.log"
     proc = _start_miner(config, log_path)
     try:
-        _wait(lambda: coordinator_client.get_job(job_id)["state"] == "RUNNING")
+        _wait(lambda: _claimed(log_path, job_id))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text()
     finally:
@@ -140,7 +118,7 @@ def test_kill_9_before_acknowledgement_then_restart_delivers_once(tmp_path: Path
             config = _write_config(tmp_path / "miner.toml", coordinator, state_dir, delay_s=1.5)
             proc = _start_miner(config, log_path)
             try:
-                _wait(lambda: client.get_job(job_id)["state"] == "RUNNING")
+                _wait(lambda: _claimed(log_path, job_id))
                 coordinator.stop()  # the result cannot be acknowledged now
                 _wait(lambda: any((state_dir / "outbox").glob("*.json")))
                 proc.send_signal(signal.SIGKILL)

@@ -13,6 +13,7 @@ from coordinator.client import Client
 from miner.receipts import KEY_FILE_NAME, load_key, verify_receipt
 from tests.openai.conftest import Engine
 from tests.openai.helpers import make_job, make_runner, wait_until
+from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator
 
 PROMPT = "The miner claims a job"
@@ -22,40 +23,14 @@ def _write_config(tmp_path: Path, coordinator: RunningCoordinator, engine: Engin
     key_file = tmp_path / "miner-key"
     key_file.write_text(coordinator.miner_key + "\n")
     key_file.chmod(0o600)
-    config = tmp_path / "miner.toml"
-    config.write_text(
-        f"""
-miner_id = "openai-e2e"
-state_dir = "{tmp_path / "state"}"
-concurrency = 2
-drain_grace_s = 5
-
-[coordinator]
-url = "{coordinator.url}"
-api_key_file = "{key_file}"
-heartbeat_interval_s = 0.2
-long_poll_s = 1
-
-[gpus]
-enabled = false
-
-[metrics]
-enabled = false
-
-[log]
-format = "json"
-
-[[models]]
-name = "llama2"
-runner = "openai"
-base_url = "{engine.base_url}"
-served_model = "tiny-llama"
-max_new_tokens = 256
-recheck_interval_s = 0.2
-extra_body = {{ ignore_eos = true }}
-"""
+    return write_miner_config(
+        tmp_path / "miner.toml", coordinator, tmp_path / "state", miner_id="openai-e2e", concurrency=2,
+        drain_grace_s=5, coordinator_options={"api_key_file": key_file, "heartbeat_interval_s": 0.2},
+        models=[{
+            "name": "llama2", "runner": "openai", "base_url": engine.base_url, "served_model": "tiny-llama",
+            "max_new_tokens": 256, "recheck_interval_s": 0.2, "extra_body": {"ignore_eos": True},
+        }],
     )
-    return config
 
 
 def _direct_output(engine: Engine, max_new_tokens: int) -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from coordinator.client import Client
+from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,33 +43,10 @@ class NotifyReceiver:
 
 
 def write_config(tmp_path: Path, coordinator: RunningCoordinator) -> Path:
-    path = tmp_path / "miner.toml"
-    path.write_text(
-        f"""
-miner_id = "rig-notify"
-state_dir = "{tmp_path / 'state'}"
-drain_grace_s = 10
-[coordinator]
-url = "{coordinator.url}"
-api_key = "{coordinator.miner_key}"
-heartbeat_interval_s = 0.5
-poll_interval_s = 0.05
-idle_backoff_max_s = 0.2
-long_poll_s = 1
-[gpus]
-enabled = false
-[metrics]
-enabled = false
-[log]
-format = "json"
-[[models]]
-name = "llama2"
-runner = "fake"
-delay_s = 0.05
-""",
-        encoding="utf-8",
+    return write_miner_config(
+        tmp_path / "miner.toml", coordinator, tmp_path / "state", miner_id="rig-notify", drain_grace_s=10,
+        models=[{"name": "llama2", "runner": "fake", "delay_s": 0.05}],
     )
-    return path
 
 
 def test_daemon_sends_ready_watchdog_stopping_in_order(

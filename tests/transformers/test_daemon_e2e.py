@@ -10,6 +10,7 @@ from pathlib import Path
 
 from coordinator.client import Client
 from miner.receipts import verify_receipt
+from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator
 from tests.transformers.helpers import job, running, spec
 
@@ -18,38 +19,10 @@ PROMPT = "The miner claims a job from the coordinator"
 
 
 def write_config(path: Path, coordinator: RunningCoordinator, state_dir: Path, model_dir: Path) -> Path:
-    path.write_text(
-        f"""miner_id = "rig-llama"
-state_dir = "{state_dir}"
-concurrency = 2
-
-[coordinator]
-url = "{coordinator.url}"
-api_key = "{coordinator.miner_key}"
-poll_interval_s = 0.05
-idle_backoff_max_s = 0.2
-heartbeat_interval_s = 0.5
-long_poll_s = 1
-max_polls_per_minute = 6000
-
-[gpus]
-enabled = false
-
-[metrics]
-enabled = false
-
-[log]
-format = "json"
-
-[[models]]
-name = "llama2"
-runner = "transformers"
-path = "{model_dir}"
-max_new_tokens = 16
-""",
-        encoding="utf-8",
+    return write_miner_config(
+        path, coordinator, state_dir, miner_id="rig-llama", concurrency=2,
+        models=[{"name": "llama2", "runner": "transformers", "path": model_dir, "max_new_tokens": 16}],
     )
-    return path
 
 
 def test_llama2_from_a_local_folder_runs_through_aitbc_miner_run(
