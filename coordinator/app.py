@@ -122,13 +122,15 @@ def create_app(
     max_poll_wait: float = 30.0,
     clock: Callable[[], float] = time.time,
     require_receipts: bool = False,
+    unheld_grace_s: float = 5.0,
 ) -> FastAPI:
     """Build the coordinator app.
 
     ``rate_limits=None`` disables the per-client-key limits; ``quirks="reference"``
     emulates the reference service (see :mod:`coordinator.quirks`), whose miner rate
     limits ``miner_rate_limits`` replaces. ``require_receipts`` refuses results without
-    a signed receipt.
+    a signed receipt. A RUNNING job assigned over ``unheld_grace_s`` ago that its miner's
+    heartbeat does not list (``metadata.jobs``) never reached the miner and is requeued.
     """
     config = AppConfig(
         db_path=Path(db_path),
@@ -141,6 +143,7 @@ def create_app(
         max_poll_wait=max_poll_wait,
         clock=clock,
         require_receipts=require_receipts,
+        unheld_grace_s=unheld_grace_s,
     )
     if not config.client_keys or not config.miner_keys:
         raise ValueError("the coordinator needs at least one client key and one miner key")
@@ -149,7 +152,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(config.db_path)
         dispatcher = Dispatcher(store, config.behaviour, lease_seconds=config.lease_seconds,
-                                max_poll_wait=config.max_poll_wait, clock=config.clock)
+                                max_poll_wait=config.max_poll_wait, unheld_grace_s=config.unheld_grace_s,
+                                clock=config.clock)
         app.state.dispatcher = dispatcher
         sweeper = asyncio.create_task(dispatcher.run_sweeper(), name="coordinator-sweeper")
         try:

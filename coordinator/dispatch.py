@@ -66,11 +66,15 @@ class Dispatcher:
         *,
         lease_seconds: float = 60.0,
         max_poll_wait: float = 30.0,
+        unheld_grace_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.behaviour = behaviour
         self.lease_seconds = lease_seconds
+        # A job assigned this long ago that the miner's heartbeat does not list never reached it
+        # (the poll answer was lost); the grace covers a heartbeat crossing the answer in flight.
+        self.unheld_grace_s = unheld_grace_s
         self.max_poll_wait = max_poll_wait
         self.clock = clock
         self._waiters: list[_Waiter] = []
@@ -186,9 +190,16 @@ class Dispatcher:
         self.after_requeue(requeued, now)
         return token
 
-    def heartbeat(self, miner_id: str, inflight: int | None, status: str | None) -> list[str] | None:
-        """Renew the lease; the ids of this miner's cancelled jobs (``None`` in reference mode)."""
+    def heartbeat(self, miner_id: str, inflight: int | None, status: str | None,
+                  held_jobs: list[str] | None = None) -> list[str] | None:
+        """Renew the lease; the ids of this miner's cancelled jobs (``None`` in reference mode).
+
+        ``held_jobs`` (the heartbeat's ``metadata.jobs``, when the miner sends it) lets the
+        coordinator requeue a job whose poll answer never reached the miner.
+        """
         miner = self.miner(miner_id)
+        if held_jobs is not None and not self.behaviour.heartbeat_sets_inflight:
+            self._requeue_unheld(miner_id, set(held_jobs))
         values: dict[str, Any] = {}
         if status is not None:
             values["status"] = status[:32]
@@ -200,6 +211,18 @@ class Dispatcher:
         if not self.behaviour.report_cancelled:
             return None
         return self.store.cancel_notices(miner_id, self.behaviour.cancelled_state)
+
+    def _requeue_unheld(self, miner_id: str, held: set[str]) -> None:
+        now = self.clock()
+        lost = [job for job in self.store.running_jobs(miner_id)
+                if job.job_id not in held and job.started_at is not None
+                and job.started_at < now - self.unheld_grace_s]
+        if not lost:
+            return
+        with self.store.transaction() as conn:
+            for job in lost:
+                self.requeue(conn, job, now)
+        self.after_requeue(lost, now)
 
     def _has_slot(self, miner: MinerRow) -> bool:
         if self.behaviour.heartbeat_sets_inflight:

@@ -72,7 +72,9 @@ async def heartbeat(request: Request, body: HeartbeatRequest | None = None,
                     miner_id: str = Depends(miner_auth("heartbeat"))) -> HeartbeatAnswer:
     """Renew the miner's lease; the answer lists its jobs cancelled by their clients."""
     body = body or HeartbeatRequest()
-    cancelled = dispatcher_of(request).heartbeat(miner_id, body.inflight, body.status)
+    held = (body.metadata or {}).get("jobs")
+    held_jobs = held if isinstance(held, list) and all(isinstance(j, str) for j in held) else None
+    cancelled = dispatcher_of(request).heartbeat(miner_id, body.inflight, body.status, held_jobs)
     return HeartbeatAnswer(status="ok", cancelled_jobs=cancelled)
 
 

@@ -25,6 +25,7 @@ class AppConfig:
     max_poll_wait: float
     clock: Callable[[], float]
     require_receipts: bool
+    unheld_grace_s: float
     client_buckets: TokenBuckets = field(default_factory=TokenBuckets)
     miner_windows: FixedWindows = field(default_factory=FixedWindows)
 

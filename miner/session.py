@@ -159,7 +159,7 @@ class Session:
             "software": {"name": "aitbc-miner", "version": __version__},
             "draining": agent.stopping,
             "outbox_pending": len(agent.outbox),
-            "jobs": sorted(agent.inflight),
+            "jobs": self.held_jobs(),  # the coordinator requeues a RUNNING job not listed here
             "gpus": gpu_stats,
         }
 

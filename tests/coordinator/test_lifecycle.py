@@ -102,6 +102,22 @@ def test_reregistering_with_held_jobs_keeps_them_and_requeues_the_rest(coordinat
     assert coordinator_client.get_job(kept)["state"] == "COMPLETED"
 
 
+def test_job_missing_from_heartbeat_after_the_grace_is_requeued(tmp_path: Path) -> None:
+    """A RUNNING job the miner's heartbeat does not list (its poll answer was lost) is requeued; a listed one stays."""
+    with run_coordinator(tmp_path / "c.db", rate_limits=None, unheld_grace_s=0.3) as coord:
+        with Client(coord.url, coord.client_key) as client, ScriptedMiner(coord) as miner:
+            miner.register(concurrency=2)
+            held = client.submit_job(PAYLOAD)["job_id"]
+            lost = client.submit_job(PAYLOAD)["job_id"]
+            assert {miner.claim()["job_id"], miner.claim()["job_id"]} == {held, lost}
+            miner.heartbeat(metadata={"jobs": [held]})  # within the grace: nothing moves yet
+            assert client.get_job(lost)["state"] == "RUNNING"
+            threading.Event().wait(0.4)
+            miner.heartbeat(metadata={"jobs": [held]})
+            assert client.get_job(lost)["state"] == "QUEUED"
+            assert client.get_job(held)["state"] == "RUNNING"
+
+
 def test_missed_heartbeats_requeue_running_jobs(tmp_path: Path) -> None:
     """A miner silent for longer than the lease loses its RUNNING jobs back to the queue; a live miner keeps its own."""
     with run_coordinator(tmp_path / "c.db", rate_limits=None, lease_seconds=0.6) as coord:

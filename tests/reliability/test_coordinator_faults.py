@@ -85,8 +85,6 @@ def test_every_fault_kind_is_ridden_out_and_every_result_delivered_once(
     assert "the coordinator does not know this miner; registering again" in miner.names()
 
 
-@pytest.mark.xfail(strict=True, reason="F1 in docs/RELIABILITY.md: a poll answer lost after the coordinator "
-                   "assigned the job leaves it RUNNING until its TTL (the miner's heartbeats renew the lease)")
 def test_a_poll_answer_lost_after_assignment_does_not_strand_the_job(
     tmp_path: Path, rel_coordinator: RunningCoordinator, proxy: FaultProxy
 ) -> None:
