@@ -61,6 +61,17 @@ def _claimed(log_path: Path, job_id: str) -> bool:
     return any(e["event"] == "job claimed" and e.get("job_id") == job_id for e in _log_events(log_path))
 
 
+def _sigterm_once_claimed(config: Path, log_path: Path, job_id: str) -> None:
+    """Start the miner, send SIGTERM once it holds ``job_id``, and expect a clean exit (0)."""
+    proc = _start_miner(config, log_path)
+    try:
+        _wait(lambda: _claimed(log_path, job_id))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        proc.kill()
+
+
 def test_sigterm_lets_the_running_job_finish_then_exits_0(
     tmp_path: Path, coordinator: RunningCoordinator, coordinator_client: Client
 ) -> None:
@@ -69,13 +80,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
     later = coordinator_client.submit_job({"model": "llama2", "prompt": "not claimed"}, ttl_seconds=120)["job_id"]
     config = _write_config(tmp_path / "miner.toml", coordinator, tmp_path / "state", delay_s=1.5)
     log_path = tmp_path / "miner.log"
-    proc = _start_miner(config, log_path)
-    try:
-        _wait(lambda: _claimed(log_path, job_id))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log_path.read_text()
-    finally:
-        proc.kill()
+    _sigterm_once_claimed(config, log_path, job_id)
     assert coordinator_client.get_job(job_id)["state"] == "COMPLETED"
     assert coordinator_client.get_job(later)["state"] == "QUEUED"
     events = [e["event"] for e in _log_events(log_path)]
@@ -96,13 +101,7 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(
         fail_marker="HANG",
     )
     log_path = tmp_path / "miner.log"
-    proc = _start_miner(config, log_path)
-    try:
-        _wait(lambda: _claimed(log_path, job_id))
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log_path.read_text()
-    finally:
-        proc.kill()
+    _sigterm_once_claimed(config, log_path, job_id)
     assert coordinator_client.get_job(job_id)["state"] == "QUEUED"
     finished = [e for e in _log_events(log_path) if e["event"] == "job finished"]
     assert [e["code"] for e in finished] == ["SHUTDOWN"]
