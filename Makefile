@@ -17,7 +17,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[transformers,test]"
+	$(PY) -m pip install -q -e ".[transformers,coordinator,test,lint]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -36,7 +36,7 @@ from nacl.signing import SigningKey
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from miner.receipts import build_miner_receipt, key_id, sha256_hex, sign_receipt  # noqa: E402
+from miner.wire.receipts import build_miner_receipt, key_id, sha256_hex, sign_receipt  # noqa: E402
 
 PROMPT = "benchmark prompt"
 PAYLOAD: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "parameters": {"max_new_tokens": 8}}

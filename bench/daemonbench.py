@@ -2,7 +2,7 @@
 
 The coordinator runs as a subprocess (``python -m miner coordinator``, fresh SQLite file,
 rate limits off) so it does not share this process's interpreter; the daemon
-(:class:`miner.agent.Agent`) runs in this process with the transformers runner, exactly as
+(:class:`miner.daemon.agent.Agent`) runs in this process with the transformers runner, exactly as
 ``aitbc-miner run`` would. Times come from the coordinator's own job timestamps:
 ``started_at`` (assigned to the miner: the claim) and ``completed_at`` (signed result
 accepted), so the client's status polling does not count.
@@ -87,8 +87,8 @@ class DaemonBench:
         return self
 
     async def _start_agent(self) -> None:
-        from miner.agent import Agent
-        from miner.settings import load_settings
+        from miner.daemon.agent import Agent
+        from miner.daemon.settings import load_settings
 
         settings = load_settings(
             None,

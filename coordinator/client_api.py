@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Path, Request, WebSocket, WebSocketDisco
 from fastapi.responses import JSONResponse
 
 from coordinator.auth import client_auth, is_known_key, key_owner
-from coordinator.dispatch import iso
 from coordinator.errors import ApiError
 from coordinator.models import (
     JobCreate,
@@ -25,6 +24,7 @@ from coordinator.models import (
 )
 from coordinator.state import config_of, dispatcher_of
 from coordinator.store import JobRow, Store
+from miner.wire.protocol import utc_iso
 
 router = APIRouter(prefix="/v1/jobs", tags=["client"])
 
@@ -162,7 +162,7 @@ async def job_events(websocket: WebSocket, job_id: str) -> None:
     try:
         await websocket.accept()
         job = dispatcher.store.get_job(job_id) or job
-        await websocket.send_json({"job_id": job_id, "state": job.state, "timestamp": iso(job.updated_at)})
+        await websocket.send_json({"job_id": job_id, "state": job.state, "timestamp": utc_iso(job.updated_at)})
         if job.state in FINAL_STATES:
             await websocket.close(code=1000)
             return

@@ -12,8 +12,8 @@ All of it runs on the event loop, so a claim is atomic without further locking.
   ``lease_seconds`` loses its RUNNING jobs back to the queue (sweeper task).
 * A job whose TTL passes before it completes becomes EXPIRED (sweeper task).
 
-Matching uses :func:`miner.protocol.parse_constraints` and
-:func:`miner.protocol.unmet_constraint`, so the miner's own admission check agrees.
+Matching uses :func:`miner.wire.protocol.parse_constraints` and
+:func:`miner.wire.protocol.unmet_constraint`, so the miner's own admission check agrees.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Iterable
 
 from coordinator.errors import MINER_NOT_REGISTERED, ApiError, not_found
 from coordinator.quirks import Behaviour
 from coordinator.store import JobRow, MinerRow, PaymentRow, Store, dumps
-from miner.protocol import ConstraintError, Constraints, parse_constraints, unmet_constraint
+from miner.wire.protocol import ConstraintError, Constraints, parse_constraints, unmet_constraint, utc_iso
 
 ACTIVE = ("QUEUED", "RUNNING")
 MAX_SWEEP_DELAY_S = 1.0
@@ -44,10 +43,6 @@ def _parsed_constraints(text: str) -> Constraints | None:
         return parse_constraints(json.loads(text))
     except (ConstraintError, ValueError):
         return None
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(eq=False)
@@ -99,7 +94,7 @@ class Dispatcher:
 
     def publish(self, job_id: str, state: str, ts: float) -> None:
         for queue in self._subscribers.get(job_id, ()):
-            queue.put_nowait({"job_id": job_id, "state": state, "timestamp": iso(ts)})
+            queue.put_nowait({"job_id": job_id, "state": state, "timestamp": utc_iso(ts)})
 
     # -- client side --------------------------------------------------------------------
 

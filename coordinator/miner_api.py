@@ -25,7 +25,7 @@ from coordinator.models import (
 )
 from coordinator.outcomes import submit_failure, submit_result
 from coordinator.state import config_of, dispatcher_of
-from miner.receipts import ALG, b64url_decode
+from miner.wire.receipts import ALG, b64url_decode
 
 router = APIRouter(prefix="/v1/miners", tags=["miner"])
 

@@ -20,7 +20,7 @@ from typing import Any
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import ApiError, not_found
 from coordinator.store import JobRow, MinerRow, dumps
-from miner.receipts import ReceiptVerificationError, canonical_json, verify_receipt
+from miner.wire.receipts import ReceiptVerificationError, canonical_json, verify_receipt
 
 RETRYABLE_CODES = frozenset({"SHUTDOWN"})
 ENDED_BY_CLIENT = ("CANCELLED", "CANCELED", "EXPIRED")

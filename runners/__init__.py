@@ -13,7 +13,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 
 ENTRY_POINT_GROUP = "aitbc_miner.runners"
 

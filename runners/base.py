@@ -4,9 +4,9 @@ A runner serves one or more configured models (``[[models]]`` entries naming it)
 
 1. constructed with its model specs and a :class:`RunnerContext` (cheap, no I/O);
 2. ``await start()``: validate options, load (or check) models, warm up. A bad option
-   raises :class:`~miner.errors.ConfigError` with one line naming the setting;
+   raises :class:`~miner.wire.errors.ConfigError` with one line naming the setting;
 3. ``await run(job)`` any number of times, concurrently: returns a :class:`RunResult` or
-   raises :class:`~miner.errors.JobError`. It must not block the event loop: heavy work
+   raises :class:`~miner.wire.errors.JobError`. It must not block the event loop: heavy work
    goes to a worker thread. It watches ``job.cancelled`` and ``job.expired()``;
 4. ``await health()`` at any time; ``ready_models()`` says what may be advertised now;
 5. ``await aclose()`` once.
@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol, Sequence, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners.params import TextRequest
 
 

@@ -20,8 +20,8 @@ from typing import ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from miner.errors import ErrorCode, JobError
-from miner.receipts import canonical_json
+from miner.wire.errors import ErrorCode, JobError
+from miner.wire.receipts import canonical_json
 from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
 from runners.params import apply_stop
 

@@ -38,7 +38,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
 from runners.openai_engine import EngineState
 from runners.openai_wire import (

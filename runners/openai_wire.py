@@ -2,7 +2,7 @@
 
 Pure functions, no I/O: build a request body from a :class:`~runners.params.TextRequest`,
 fold a JSON answer or a stream of server-sent events into a :class:`Generation`, and turn
-an engine's refusal or a transport failure into a :class:`~miner.errors.JobError` whose
+an engine's refusal or a transport failure into a :class:`~miner.wire.errors.JobError` whose
 message never quotes the prompt.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 
 import httpx
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.params import TextRequest
 
 CHAT_PATH = "/chat/completions"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import structlog
 
-from miner.errors import ConfigError, DeviceError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, DeviceError, ErrorCode, JobError
 from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
 from runners.hf.options import TransformersOptions
 

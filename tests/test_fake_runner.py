@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners import load_runner_class, runner_status
 from runners.base import Job, ModelSpec, Runner, RunnerContext
 from runners.fake import FakeRunner
@@ -113,7 +113,7 @@ def test_core_and_fake_runner_never_import_torch() -> None:
     import subprocess
 
     code = (
-        "import sys, runners, runners.fake, miner.settings, miner.receipts, miner.protocol\n"
+        "import sys, runners, runners.fake, miner.daemon.settings, miner.wire.receipts, miner.wire.protocol\n"
         "runners.runner_status()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

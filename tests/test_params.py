@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.params import apply_stop, parse_text_payload
 
 

@@ -6,7 +6,7 @@ from datetime import timezone
 
 import pytest
 
-from miner.protocol import ConstraintError, normalise_gpu_name, parse_constraints, parse_timestamp, unmet_constraint
+from miner.wire.protocol import ConstraintError, normalise_gpu_name, parse_constraints, parse_timestamp, unmet_constraint
 
 CAPS = {
     "gpus": [

@@ -8,13 +8,13 @@ import stat
 import pytest
 from nacl.signing import SigningKey
 
-from miner.errors import ConfigError
-from miner.receipts import (
+from miner.daemon.keyfile import load_or_create_key
+from miner.wire.errors import ConfigError
+from miner.wire.receipts import (
     ReceiptVerificationError,
     build_miner_receipt,
     canonical_json,
     key_id,
-    load_or_create_key,
     prompt_sha256,
     sign_receipt,
     verify_receipt,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from miner.errors import ConfigError
-from miner.settings import load_settings
+from miner.wire.errors import ConfigError
+from miner.daemon.settings import load_settings
 
 BASE = """
 miner_id = "rig-01"

@@ -25,7 +25,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.base import Job, RunResult
 from runners.hf.model import LoadedModel
 from runners.params import GenerationParams, apply_stop

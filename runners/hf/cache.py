@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 import torch
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.hf import model as hf_model
 from runners.hf.device import MemoryProbe, is_out_of_memory
 from runners.hf.memory import MiB, mib

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 import torch
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners.hf import source
 from runners.hf.memory import DTYPE_BYTES, ModelShape
 from runners.hf.options import DevicePlan, TransformersOptions, choose_dtype, plan_device

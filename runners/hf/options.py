@@ -76,7 +76,7 @@ class DevicePlan:
 
 def plan_device(where: str, device: str | None, cuda_count: int) -> DevicePlan:
     """Resolve a configured device against the visible CUDA devices; ConfigError if impossible."""
-    from miner.errors import ConfigError
+    from miner.wire.errors import ConfigError
 
     if device is None:
         device = "cuda:0" if cuda_count else "cpu"

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError, StartupError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -110,13 +110,19 @@ def fetch(where: str, path: str, revision: str | None) -> Path:
             snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS, tqdm_class=log_progress_class(path))
         )
     except LocalEntryNotFoundError as exc:
-        raise ConfigError(
-            f"{where}.path: {path}@{revision} is not in the local hub cache and the hub cannot be reached "
-            "(HF_HUB_OFFLINE set or no network); download it once or point path at a local folder"
+        if offline:
+            raise ConfigError(
+                f"{where}.path: {path}@{revision} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                "download it once or point path at a local folder"
+            ) from exc
+        raise StartupError(
+            f"{where}.path: cannot fetch {path}@{revision}: the hub cannot be reached and it is not in the local "
+            "cache; the miner exits 1 so its service manager retries"
         ) from exc
-    except Exception as exc:  # the hub client raises many kinds; all mean "cannot fetch"
-        raise ConfigError(
-            f"{where}.path: cannot fetch {path}@{revision} from the hub: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # the hub client raises many kinds; all mean "cannot fetch now"
+        raise StartupError(
+            f"{where}.path: cannot fetch {path}@{revision} from the hub ({type(exc).__name__}); "
+            "the miner exits 1 so its service manager retries"
         ) from exc
     log.info("model_fetched", model=path, revision=revision, seconds=round(time.monotonic() - started, 1))
     check_model_dir(where, folder)

@@ -14,7 +14,7 @@ Out of memory during a batch: the cache is emptied and the unfinished rows are r
 halves; a job that runs out of memory alone fails with ``OUT_OF_MEMORY``, and the model's
 batch cap drops to the size that failed (it grows back by one after each full batch).
 A CUDA error that leaves the device unusable marks the worker broken: every in-flight and
-later job on it gets :class:`~miner.errors.DeviceError`, which stops the daemon.
+later job on it gets :class:`~miner.wire.errors.DeviceError`, which stops the daemon.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import structlog
 import torch
 
-from miner.errors import DeviceError, ErrorCode, JobError
+from miner.wire.errors import DeviceError, ErrorCode, JobError
 from runners.hf import model as hf_model
 from runners.hf.batch import Request, Row, run_batch, settle_threadsafe, stop_error
 from runners.hf.cache import ModelCache

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from nacl.signing import SigningKey
 
-from miner.receipts import build_miner_receipt, key_id, sha256_hex, sign_receipt
+from miner.wire.receipts import build_miner_receipt, key_id, sha256_hex, sign_receipt
 from tests.servers import RunningCoordinator
 
 RTX_3090 = {"name": "NVIDIA GeForce RTX 3090", "memory_mb": 24576}

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from coordinator.client import AuthenticationError, Client, JobConflict, JobNotFound, JobNotReady
-from miner.protocol import parse_timestamp
-from miner.receipts import verify_receipt
+from miner.wire.protocol import parse_timestamp
+from miner.wire.receipts import verify_receipt
 from tests.coordinator.helpers import ScriptedMiner
 from tests.servers import RunningCoordinator, run_coordinator
 

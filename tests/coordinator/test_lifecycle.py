@@ -9,7 +9,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from coordinator.client import Client
-from miner.receipts import verify_receipt
+from miner.wire.receipts import verify_receipt
 from tests.coordinator.helpers import ScriptedMiner
 from tests.servers import RunningCoordinator, run_coordinator
 

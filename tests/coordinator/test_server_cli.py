@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from coordinator.server import CLIENT_KEYS_ENV, MINER_KEYS_ENV, collect_keys, is_loopback, serve_from_cli
-from miner.cli import build_parser
+from miner.cli.main import build_parser
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]

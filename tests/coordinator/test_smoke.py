@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from coordinator.client import Client
-from miner.receipts import verify_receipt
+from miner.wire.receipts import verify_receipt
 from tests.coordinator.helpers import ScriptedMiner
 from tests.servers import RunningCoordinator
 

@@ -9,7 +9,7 @@ from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import connect
 
 from coordinator.client import Client
-from miner.protocol import parse_timestamp
+from miner.wire.protocol import parse_timestamp
 from tests.coordinator.helpers import ScriptedMiner
 from tests.servers import RunningCoordinator
 

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import httpx
 
-from miner.agent import Agent
-from miner.settings import MinerSettings, load_settings
+from miner.daemon.agent import Agent
+from miner.daemon.settings import MinerSettings, load_settings
 
 TEST_API_KEY = "test-miner-key-0123456789"
 JSON_TYPE = {"content-type": "application/json"}

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from miner.admission import admit, check
-from miner.capabilities import build_capabilities
-from miner.errors import ErrorCode
+from miner.daemon.admission import admit, check
+from miner.daemon.capabilities import build_capabilities
+from miner.wire.errors import ErrorCode
 from runners.base import GpuInfo
 
 GPU = GpuInfo(index=0, uuid="GPU-1", name="NVIDIA GeForce RTX 3090", memory_total_mb=24576, cuda_version="12.4")

@@ -11,9 +11,9 @@ import pytest
 
 from coordinator.client import Client
 from coordinator.quirks import MinerRateLimits
-from miner.agent import Agent
-from miner.errors import ErrorCode
-from miner.receipts import verify_receipt
+from miner.daemon.agent import Agent
+from miner.wire.errors import ErrorCode
+from miner.wire.receipts import verify_receipt
 from tests.daemon.helpers import miner_settings
 from tests.servers import RunningCoordinator, run_coordinator
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from miner.errors import DeviceError, ErrorCode
-from miner.outbox import Outbox, OutboxEntry
-from miner.receipts import verify_receipt
+from miner.wire.errors import DeviceError, ErrorCode
+from miner.outbox.store import Outbox, OutboxEntry
+from miner.wire.receipts import verify_receipt
 from runners.base import Job, RunResult
 from runners.fake import FakeRunner
 from tests.daemon.helpers import ScriptedCoordinator, fake_miner, job

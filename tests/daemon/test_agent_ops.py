@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from miner.notify import Notifier
+from miner.ops.notify import Notifier
 from tests.daemon.helpers import ScriptedCoordinator, fake_miner, job
 
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import httpx
 
-from miner.claiming import Claimer, SlotPacing
-from miner.coordinator import CoordinatorClient
+from miner.daemon.claiming import Claimer, SlotPacing
+from miner.daemon.client import CoordinatorClient
 
 
 def _claimer(handler: Callable[[httpx.Request], Any], **kwargs: Any) -> Claimer:

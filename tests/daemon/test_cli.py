@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 import structlog
 
-from miner.cli import main
+from miner.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

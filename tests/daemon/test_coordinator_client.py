@@ -11,8 +11,8 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-from miner.coordinator import CoordinatorClient, parse_assigned_job, parse_retry_after
-from miner.errors import (
+from miner.daemon.client import CoordinatorClient, parse_assigned_job, parse_retry_after
+from miner.wire.errors import (
     AuthenticationFailed,
     ConfigError,
     CoordinatorRejected,
@@ -20,7 +20,7 @@ from miner.errors import (
     NotRegistered,
     RateLimited,
 )
-from miner.pacing import Backoff, TokenBucket, retry
+from miner.daemon.pacing import Backoff, TokenBucket, retry
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

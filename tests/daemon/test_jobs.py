@@ -7,10 +7,10 @@ from datetime import datetime, timezone
 
 from nacl.signing import SigningKey
 
-from miner.capabilities import build_capabilities
-from miner.coordinator import AssignedJob
-from miner.jobs import DEFAULT_JOB_CAP_S, JobExecutor, JobRun
-from miner.receipts import canonical_json, key_id, sha256_hex, verify_receipt
+from miner.daemon.capabilities import build_capabilities
+from miner.daemon.client import AssignedJob
+from miner.daemon.jobs import DEFAULT_JOB_CAP_S, JobExecutor, JobRun
+from miner.wire.receipts import canonical_json, key_id, sha256_hex, verify_receipt
 from runners.base import ModelSpec, RunnerContext
 from runners.fake import FakeRunner
 

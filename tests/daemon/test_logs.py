@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 import structlog
 
-from miner.logs import configure_logging, job_context, register_secret
+from miner.ops.logs import configure_logging, job_context, register_secret
 from runners.base import Job, RunResult
 from runners.fake import FakeRunner
 from tests.daemon.helpers import TEST_API_KEY, ScriptedCoordinator, fake_miner, job

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from miner.coordinator import CoordinatorClient
-from miner.delivery import Deliverer
-from miner.errors import CoordinatorUnavailable, StateError
-from miner.outbox import Outbox, OutboxEntry, file_name
+from miner.daemon.client import CoordinatorClient
+from miner.outbox.delivery import Deliverer
+from miner.wire.errors import CoordinatorUnavailable, StateError
+from miner.outbox.store import Outbox, OutboxEntry, file_name
 
 
 def _entry(job_id: str, kind: str = "result") -> OutboxEntry:

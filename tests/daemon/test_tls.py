@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from miner.coordinator import CoordinatorClient
-from miner.errors import CoordinatorUnavailable
+from miner.daemon.client import CoordinatorClient
+from miner.wire.errors import CoordinatorUnavailable
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate"

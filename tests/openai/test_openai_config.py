@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from miner.settings import load_settings
+from miner.daemon.settings import load_settings
 from runners.base import parse_options
 from runners.openai import OpenAIOptions
 

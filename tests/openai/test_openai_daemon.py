@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import Client
-from miner.receipts import KEY_FILE_NAME, load_key, verify_receipt
+from miner.daemon.keyfile import KEY_FILE_NAME, load_key
+from miner.wire.receipts import verify_receipt
 from tests.openai.conftest import Engine
 from tests.openai.helpers import make_job, make_runner, wait_until
 from tests.minerconfig import write_miner_config
@@ -102,8 +103,8 @@ def test_daemon_follows_the_engine_going_away_and_coming_back(
     tmp_path: Path, coordinator: RunningCoordinator, coordinator_client: Client, engine: Engine
 ) -> None:
     """The daemon starts with the engine down, serves once it is up, withdraws the model when it goes, serves again."""
-    from miner.agent import Agent
-    from miner.settings import load_settings
+    from miner.daemon.agent import Agent
+    from miner.daemon.settings import load_settings
 
     engine.stop()
     settings = load_settings(_write_config(tmp_path, coordinator, engine))

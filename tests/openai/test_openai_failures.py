@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import structlog
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.openai import OpenAIRunner
 from tests.openai.conftest import Engine
 from tests.openai.helpers import make_job, make_runner, wait_until

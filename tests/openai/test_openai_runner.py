@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners import load_runner_class
 from runners.base import Runner, RunnerContext
 from runners.openai import OpenAIRunner

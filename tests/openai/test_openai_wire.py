@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from runners.openai_wire import Generation, engine_error, finish_reason, fold_chunk, iter_sse_data
 
 

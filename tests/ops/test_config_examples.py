@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from miner.settings import load_settings
+from miner.daemon.settings import load_settings
 from runners.base import parse_options
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"

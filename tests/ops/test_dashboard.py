@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from miner.metrics import MinerMetrics
+from miner.ops.metrics import MinerMetrics
 from runners.base import GpuInfo
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana-dashboard.json"

@@ -10,9 +10,9 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from miner.fakenvml import FakeNvml, h200s
-from miner.gpu import probe_gpus
-from miner.metrics import MinerMetrics
+from miner.host.fakenvml import FakeNvml, h200s
+from miner.host.nvml import probe_gpus
+from miner.ops.metrics import MinerMetrics
 from runners.base import GpuInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def runtime_events() -> set[str]:
 
 
 def source_text() -> str:
-    return "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "miner").glob("*.py"))
+    return "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "miner").rglob("*.py"))
 
 
 def test_troubleshooting_log_lines_exist_in_the_code() -> None:

@@ -9,9 +9,10 @@ import re
 import pytest
 from structlog.testing import capture_logs
 
-from miner.errors import ConfigError
-from miner.fakenvml import FakeGpu, FakeNvml, h200s
-from miner.gpu import Nvml, capabilities_gpus, cuda_version, format_cuda_version, free_vram_mb, probe_gpus, read_gpu_stats
+from miner.wire.errors import ConfigError
+from miner.host.fakenvml import FakeGpu, FakeNvml, h200s
+from miner.daemon.capabilities import cuda_of, gpu_capability
+from miner.host.nvml import Nvml, format_cuda_version, free_vram_mb, probe_gpus, read_gpu_stats
 
 
 def two_gpus(**kwargs) -> FakeNvml:
@@ -50,7 +51,7 @@ def test_unsupported_readings_become_none() -> None:
     a, b = probe_gpus(nvml)
     assert a.power_w is None and a.temperature_c is None and a.utilization_pct == 0.0
     assert b.power_w == 75.0
-    assert a.cuda_version is None and cuda_version([a, b]) is None
+    assert a.cuda_version is None and cuda_of([a, b]) is None
 
 
 def test_lost_gpu_is_skipped_at_probe_with_one_warning() -> None:
@@ -164,12 +165,12 @@ def test_free_vram_and_uninitialised_reads() -> None:
 
 
 def test_capability_shape_and_cuda_formatting() -> None:
-    """capabilities_gpus gives name and memory_mb (what the coordinator matches) plus uuid and index."""
+    """gpu_capability gives name and memory_mb (what the coordinator matches) plus uuid and index."""
     gpus = probe_gpus(two_gpus())
-    caps = capabilities_gpus(gpus)
+    caps = [gpu_capability(g) for g in gpus]
     assert caps[0]["name"] == "NVIDIA H200" and caps[0]["memory_mb"] == 143771
     assert caps[1]["uuid"] == gpus[1].uuid and caps[1]["index"] == 1 and caps[1]["compute_capability"] == "8.6"
-    assert cuda_version(gpus) == "12.4"
+    assert cuda_of(gpus) == "12.4"
     assert [format_cuda_version(v) for v in (12040, 11080, 13000, 0, None)] == ["12.4", "11.8", "13.0", None, None]
 
 

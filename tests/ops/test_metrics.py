@@ -9,8 +9,10 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from miner.metrics import HealthState, MetricsServer, MinerMetrics, status_command
-from miner.metrics_server import summarise
+from miner.cli.status import status_command, summarise
+from miner.ops.health import HealthState
+from miner.ops.metrics import MinerMetrics
+from miner.ops.server import MetricsServer
 from runners.base import GpuInfo
 
 H200 = GpuInfo(

@@ -10,9 +10,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.client import Client
-from miner.agent import Agent
-from miner.fakenvml import FakeGpu, FakeNvml
-from miner.settings import load_settings
+from miner.daemon.agent import Agent
+from miner.host.fakenvml import FakeGpu, FakeNvml
+from miner.daemon.settings import load_settings
 from tests.servers import RunningCoordinator
 
 GIB = 1024**3

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from miner.notify import Notifier
+from miner.ops.notify import Notifier
 
 
 def _bind(path: Path) -> socket.socket:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from miner.settings import MinerSettings
+from miner.daemon.settings import MinerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = [ROOT / "systemd" / "aitbc-miner.service", ROOT / "systemd" / "aitbc-miner@.service"]
@@ -99,7 +99,7 @@ def test_dockerfile_shape() -> None:
     assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:9477/healthz", text, re.M)
     assert "AITBC_MINER_METRICS__LISTEN=0.0.0.0:9477" in text
     assert re.search(r"^STOPSIGNAL SIGTERM$", text, re.M) and "--stop-timeout" in text
-    assert '.[transformers]' in text and re.search(r'^VOLUME \["/etc/aitbc-miner", "/var/lib/aitbc-miner"\]$', text, re.M)
+    assert '.[transformers,coordinator]' in text and re.search(r'^VOLUME \["/etc/aitbc-miner", "/var/lib/aitbc-miner"\]$', text, re.M)
 
 
 @pytest.mark.parametrize("name", ["compose.per-gpu.yaml", "compose.vllm.yaml"])

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from miner.errors import ConfigError
-from miner.fakenvml import FakeNvml, h200s
-from miner.probe import gather, render_text
-from miner.receipts import KEY_FILE_NAME, key_id, load_or_create_key
-from miner.settings import DEFAULT_CONFIG
+from miner.wire.errors import ConfigError
+from miner.host.fakenvml import FakeNvml, h200s
+from miner.cli.probe import gather, render_text
+from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
+from miner.wire.receipts import key_id
+from miner.daemon.settings import DEFAULT_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 

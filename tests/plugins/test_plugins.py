@@ -87,7 +87,7 @@ def test_installed_example_plugin_is_discovered_and_runs_a_job(echo_site: Path) 
 def test_without_the_plugin_the_name_is_unknown() -> None:
     """Without the package installed, naming "echo" is a ConfigError listing the known runners."""
     code = (
-        "import json, runners\nfrom miner.errors import ConfigError\n"
+        "import json, runners\nfrom miner.wire.errors import ConfigError\n"
         "try:\n    runners.load_runner_class('echo')\nexcept ConfigError as exc:\n    print(json.dumps(str(exc)))\n"
     )
     message = _python(code)
@@ -96,7 +96,7 @@ def test_without_the_plugin_the_name_is_unknown() -> None:
 
 BROKEN_STATUS = """
 import json, runners
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 errors = {}
 for name in ("broken", "notarunner", "typo"):
     try:

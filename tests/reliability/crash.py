@@ -218,7 +218,8 @@ class CrashCampaign:
 
     def _finish(self, miner: MinerProcess, proxy: FaultProxy, client: Any, db: Path, url: str) -> None:
         """Let the last miner drain every job, then check the coordinator's books."""
-        from miner.receipts import KEY_FILE_NAME, ReceiptVerificationError, key_id, load_or_create_key, verify_receipt
+        from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
+        from miner.wire.receipts import ReceiptVerificationError, key_id, verify_receipt
 
         wait_until(lambda: all(client.get_job(j)["state"] in TERMINAL for j in self.job_ids), 180, interval=0.25)
         code = miner.terminate(30)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.client import Client
-from miner.receipts import KEY_FILE_NAME, key_id, load_or_create_key, verify_receipt
+from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
+from miner.wire.receipts import key_id, verify_receipt
 from tests.reliability.faultproxy import FaultProxy
 from tests.reliability.faults import PASS, Fault, Plan, Request
 from tests.reliability.harness import TERMINAL, MinerProcess, outbox_files, read_jobs, wait_until, write_config

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from coordinator.client import Client
-from miner.errors import ErrorCode
+from miner.wire.errors import ErrorCode
 from tests.reliability.faultproxy import FaultProxy
 from tests.reliability.faults import PASS, Fault, Request
 from tests.reliability.harness import TERMINAL, MinerProcess, read_jobs, wait_until, write_config

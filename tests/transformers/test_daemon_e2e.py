@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from coordinator.client import Client
-from miner.receipts import verify_receipt
+from miner.wire.receipts import verify_receipt
 from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator
 from tests.transformers.helpers import job, running, spec

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miner.errors import ErrorCode, JobError
+from miner.wire.errors import ErrorCode, JobError
 from tests.transformers.helpers import job, running, spec
 
 PROMPTS = [

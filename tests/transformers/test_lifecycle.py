@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from miner.errors import ConfigError, DeviceError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, DeviceError, ErrorCode, JobError
 from runners.base import RunnerContext
 from runners.transformers import TransformersRunner
 from tests.transformers.helpers import job, running, spec

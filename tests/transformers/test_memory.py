@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from miner.errors import ConfigError, ErrorCode, JobError
+from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners.base import GpuInfo, RunnerContext
 from runners.hf.memory import ModelShape, estimate_bytes
 from runners.transformers import TransformersRunner

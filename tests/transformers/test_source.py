@@ -51,7 +51,7 @@ def test_offline_hub_model_missing_from_the_cache_is_a_config_error(tmp_path: Pa
     """With HF_HUB_OFFLINE=1 a pinned hub model that is not cached stops start with a clear ConfigError."""
     code = """
 import asyncio
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 from runners.base import ModelSpec, RunnerContext
 from runners.transformers import TransformersRunner
 spec = ModelSpec(name="llama2", runner="transformers", path="meta-llama/Llama-2-7b-hf", revision="a" * 40)

@@ -17,9 +17,7 @@ from typing import ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from miner.errors import ErrorCode, JobError
-from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
-from runners.params import apply_stop
+from runners.api import ErrorCode, Job, JobError, ModelSpec, RunnerContext, RunnerHealth, RunResult, apply_stop, parse_options
 
 __version__ = "0.1.0"
 

@@ -17,14 +17,14 @@ from typing import Any, Callable, Literal, Mapping
 import structlog
 from nacl.signing import SigningKey
 
-from miner import admission
-from miner.coordinator import AssignedJob
-from miner.errors import DeviceError, ErrorCode, JobError
-from miner.receipts import build_miner_receipt, prompt_sha256, sign_receipt
+from miner.daemon import admission
+from miner.daemon.client import AssignedJob
+from miner.wire.errors import DeviceError, ErrorCode, JobError
+from miner.wire.receipts import build_miner_receipt, prompt_sha256, sign_receipt
 from runners.base import Job, Runner, RunResult
 from runners.params import TextRequest, payload_model
 
-log = structlog.get_logger("miner.jobs")
+log = structlog.get_logger("miner.daemon.jobs")
 
 DEFAULT_JOB_CAP_S = 3600.0
 # A runner gets this long past the deadline to notice it before the task is abandoned.

@@ -29,26 +29,29 @@ import httpx
 import structlog
 
 from miner import __version__
-from miner.claiming import Claimer, SlotPacing
-from miner.coordinator import AssignedJob, CoordinatorClient
-from miner.delivery import Deliverer
-from miner.errors import (
+from miner.daemon.claiming import Claimer, SlotPacing
+from miner.daemon.client import AssignedJob, CoordinatorClient
+from miner.outbox.delivery import Deliverer
+from miner.wire.errors import (
     ConfigError,
     ErrorCode,
 )
-from miner.jobs import JobExecutor, JobRun, Outcome, fail_body
-from miner.logs import job_context, register_secret
-from miner.metrics import HealthState, MetricsServer, MinerMetrics
-from miner.notify import Notifier
-from miner.outbox import Outbox, OutboxEntry
-from miner.receipts import KEY_FILE_NAME, key_id, load_or_create_key
-from miner.runtime import Runtime, start_runtime
-from miner.session import Session
-from miner.settings import MinerSettings
-from miner.signals import capture_signals
+from miner.daemon.jobs import JobExecutor, JobRun, Outcome, fail_body
+from miner.ops.logs import job_context, register_secret
+from miner.ops.health import HealthState
+from miner.ops.metrics import MinerMetrics
+from miner.ops.server import MetricsServer
+from miner.ops.notify import Notifier
+from miner.outbox.store import Outbox, OutboxEntry
+from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
+from miner.wire.receipts import key_id
+from miner.daemon.runtime import Runtime, start_runtime
+from miner.daemon.session import Session
+from miner.daemon.settings import MinerSettings
+from miner.daemon.signals import capture_signals
 from runners.base import GpuInfo
 
-log = structlog.get_logger("miner.agent")
+log = structlog.get_logger("miner.daemon.agent")
 
 # After drain_grace_s, cancelled jobs get this long to stop before their tasks are abandoned.
 CANCEL_GRACE_S = 5.0
@@ -503,8 +506,8 @@ def shutdown_outcome() -> Outcome:
 
 def run_from_cli(args: argparse.Namespace) -> int:
     """``aitbc-miner run``: load settings, configure logs, serve until told to stop."""
-    from miner.logs import configure_logging
-    from miner.settings import load_settings
+    from miner.ops.logs import configure_logging
+    from miner.daemon.settings import load_settings
 
     settings = load_settings(args.config)
     configure_logging(settings.log.level, settings.log.format)

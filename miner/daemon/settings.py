@@ -25,7 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 from runners.base import ModelSpec
 
 DEFAULT_CONFIG = Path("/etc/aitbc-miner/miner.toml")

@@ -13,9 +13,9 @@ from typing import Awaitable, Callable, TypeVar
 
 import structlog
 
-from miner.errors import CoordinatorUnavailable, RateLimited
+from miner.wire.errors import CoordinatorUnavailable, RateLimited
 
-log = structlog.get_logger("miner.pacing")
+log = structlog.get_logger("miner.daemon.pacing")
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]

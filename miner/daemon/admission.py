@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Collection
 
-from miner.errors import ErrorCode, JobError
-from miner.protocol import ConstraintError, parse_constraints, unmet_constraint
+from miner.wire.errors import ErrorCode, JobError
+from miner.wire.protocol import ConstraintError, parse_constraints, unmet_constraint
 from runners.params import TextRequest, parse_text_payload
 
 

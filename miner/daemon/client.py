@@ -1,6 +1,6 @@
 """CoordinatorClient: the miner's side of the coordinator's miner API, over one httpx client.
 
-Every failure leaves this module as one of the :mod:`miner.errors` coordinator errors:
+Every failure leaves this module as one of the :mod:`miner.wire.errors` coordinator errors:
 
 =====================================================  ===========================
 what happened                                          raised
@@ -34,7 +34,7 @@ import httpx
 import structlog
 
 from miner import __version__
-from miner.errors import (
+from miner.wire.errors import (
     AuthenticationFailed,
     ConfigError,
     CoordinatorError,
@@ -43,9 +43,9 @@ from miner.errors import (
     NotRegistered,
     RateLimited,
 )
-from miner.protocol import parse_timestamp
+from miner.wire.protocol import parse_timestamp
 
-log = structlog.get_logger("miner.coordinator")
+log = structlog.get_logger("miner.daemon.client")
 
 DEFAULT_RETRY_AFTER_S = 60.0
 NOT_REGISTERED = "not registered"  # in the 404 detail of any miner call from a coordinator that forgot us

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 
 DEMO_MODEL = "llama2"
 JOB_TIMEOUT_S = 120.0
@@ -65,9 +65,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
 
     from coordinator.app import create_app
     from coordinator.client import Client
-    from miner.agent import Agent
-    from miner.receipts import verify_receipt
-    from miner.settings import load_settings
+    from miner.daemon.agent import Agent
+    from miner.wire.receipts import verify_receipt
+    from miner.daemon.settings import load_settings
 
     client_key, miner_key = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     model, note = demo_model(args.runner, workdir)
@@ -129,7 +129,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
 
 def demo_from_cli(args: argparse.Namespace) -> int:
     """Run the demo in a temporary folder; 0 when the receipt verifies."""
-    from miner.logs import configure_logging
+    from miner.ops.logs import configure_logging
 
     configure_logging("warning", "console", stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aitbc-miner-demo-") as tmp:

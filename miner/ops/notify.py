@@ -18,7 +18,7 @@ from typing import Mapping
 
 import structlog
 
-log = structlog.get_logger("miner.notify")
+log = structlog.get_logger("miner.ops.notify")
 
 
 class Notifier:

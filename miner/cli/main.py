@@ -4,29 +4,31 @@ lazily, so ``aitbc-miner probe`` never loads the coordinator and nothing loads t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from miner import __version__
-from miner.errors import ConfigError, MinerError
+from miner.wire.errors import ConfigError, MinerError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from miner.agent import run_from_cli
+    from miner.daemon.agent import run_from_cli
 
     return run_from_cli(args)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from miner.gpu import probe_command
+    from miner.cli.probe import probe_command
 
     return probe_command(args)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from miner.receipts import KEY_FILE_NAME, key_id, load_or_create_key
+    from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
+    from miner.wire.receipts import key_id
 
     path = args.out or (args.state_dir / KEY_FILE_NAME)
     if path.exists() and not args.force:
@@ -41,7 +43,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    from miner.receipts import ReceiptVerificationError, verify_receipt
+    from miner.wire.receipts import ReceiptVerificationError, verify_receipt
 
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8") if args.file != "-" else sys.stdin.read())
@@ -58,27 +60,39 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     except ReceiptVerificationError as exc:
         print(f"INVALID: {exc}", file=sys.stderr)
         return 1
-    from miner.receipts import key_id
+    from miner.wire.receipts import key_id
 
     pinned = "the given public key" if public_key else "its embedded key_id (integrity only: pass --public-key to check the signer)"
     print(f"OK: receipt for job {receipt.get('job_id')} signed by {key_id(key)}, verified against {pinned}")
     return 0
 
 
+def _need_coordinator_extra(command: str) -> None:
+    """The local coordinator's web stack is an extra; say how to get it instead of a traceback."""
+    missing = [m for m in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"`aitbc-miner {command}` needs the local coordinator's extra ({', '.join(missing)} missing): "
+            "pip install 'aitbc-miner[coordinator]'"
+        )
+
+
 def _cmd_coordinator(args: argparse.Namespace) -> int:
+    _need_coordinator_extra("coordinator")
     from coordinator.server import serve_from_cli
 
     return serve_from_cli(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from miner.demo import demo_from_cli
+    _need_coordinator_extra("demo")
+    from miner.cli.demo import demo_from_cli
 
     return demo_from_cli(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from miner.metrics import status_command
+    from miner.cli.status import status_command
 
     return status_command(args)
 

@@ -15,6 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from miner.wire.errors import ConstraintError
+
+__all__ = [
+    "ConstraintError",
+    "Constraints",
+    "normalise_gpu_name",
+    "parse_constraints",
+    "parse_timestamp",
+    "unmet_constraint",
+    "utc_iso",
+]
+
 _GPU_NOISE = re.compile(r"\b(nvidia|geforce)\b")
 _GPU_SEPARATORS = re.compile(r"[\s\-_]+")
 
@@ -24,14 +36,6 @@ def normalise_gpu_name(name: str) -> str:
     text = _GPU_SEPARATORS.sub(" ", name.lower())
     text = _GPU_NOISE.sub(" ", text)
     return _GPU_SEPARATORS.sub("", text)
-
-
-class ConstraintError(ValueError):
-    """A constraint field has the wrong type or value; ``field`` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"constraints.{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -149,3 +153,8 @@ def parse_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=timezone.utc)
     return parsed.astimezone(timezone.utc)
+
+
+def utc_iso(ts: float) -> str:
+    """ISO 8601 UTC with a ``Z`` suffix, e.g. ``2026-11-28T17:13:21.123456Z``."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

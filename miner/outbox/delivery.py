@@ -22,8 +22,8 @@ from typing import Callable
 
 import structlog
 
-from miner.coordinator import CoordinatorClient
-from miner.errors import (
+from miner.daemon.client import CoordinatorClient
+from miner.wire.errors import (
     AuthenticationFailed,
     CoordinatorError,
     CoordinatorRejected,
@@ -32,10 +32,10 @@ from miner.errors import (
     RateLimited,
     StateError,
 )
-from miner.outbox import Outbox, OutboxEntry
-from miner.pacing import Backoff
+from miner.outbox.store import Outbox, OutboxEntry
+from miner.daemon.pacing import Backoff
 
-log = structlog.get_logger("miner.delivery")
+log = structlog.get_logger("miner.outbox.delivery")
 
 AUTH_RETRY_S = 30.0
 DISK_PROBE_S = 5.0

@@ -1,7 +1,7 @@
 """GPU facts through NVML (the ``pynvml`` module of ``nvidia-ml-py``).
 
 Every function takes the NVML module as a parameter (``None`` imports ``pynvml`` lazily),
-so tests pass :class:`miner.fakenvml.FakeNvml` instead. NVML calls block for a few
+so tests pass :class:`miner.host.fakenvml.FakeNvml` instead. NVML calls block for a few
 microseconds to milliseconds: the daemon runs them through ``asyncio.to_thread``.
 
 A host without the NVIDIA driver is not an error: one log line
@@ -18,19 +18,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import structlog
 
-from miner.errors import ConfigError
+from miner.wire.errors import ConfigError
 from runners.base import GpuInfo
 
-log = structlog.get_logger("miner.gpu")
+log = structlog.get_logger("miner.host.nvml")
 
 MIB = 1024 * 1024
 
 __all__ = [
     "Nvml",
-    "capabilities_gpus",
-    "cuda_version",
     "free_vram_mb",
-    "probe_command",
     "probe_gpus",
     "read_gpu_stats",
 ]
@@ -191,20 +188,6 @@ def free_vram_mb(nvml: Any, index: int) -> int | None:
     return int(memory.free) // MIB if memory is not None else None
 
 
-def capabilities_gpus(gpus: Iterable[GpuInfo]) -> list[dict[str, Any]]:
-    """The ``capabilities.gpus`` list (see :func:`miner.capabilities.gpu_capability`)."""
-    from miner.capabilities import gpu_capability
-
-    return [gpu_capability(g) for g in gpus]
-
-
-def cuda_version(gpus: Iterable[GpuInfo]) -> str | None:
-    """The CUDA driver version (``"12.4"``) to advertise for these GPUs, or None on CPU."""
-    from miner.capabilities import cuda_of
-
-    return cuda_of(list(gpus))
-
-
 class Nvml:
     """NVML held open for the life of the daemon: probe once, then cheap readings.
 
@@ -275,10 +258,3 @@ class Nvml:
                 self._module.nvmlShutdown()
             except self._module.NVMLError:
                 pass
-
-
-def probe_command(args: Any, nvml: Any = None) -> int:
-    """``aitbc-miner probe [--config PATH] [--json]``; implemented in :mod:`miner.probe`."""
-    from miner.probe import probe_command as run
-
-    return run(args, nvml)

@@ -17,11 +17,11 @@ from typing import Callable
 
 import structlog
 
-from miner.coordinator import AssignedJob, CoordinatorClient
-from miner.errors import AuthenticationFailed, CoordinatorError, NotRegistered, RateLimited
-from miner.pacing import Backoff, TokenBucket
+from miner.daemon.client import AssignedJob, CoordinatorClient
+from miner.wire.errors import AuthenticationFailed, CoordinatorError, NotRegistered, RateLimited
+from miner.daemon.pacing import Backoff, TokenBucket
 
-log = structlog.get_logger("miner.claiming")
+log = structlog.get_logger("miner.daemon.claiming")
 
 AUTH_RETRY_S = 30.0
 ERROR_BACKOFF_MAX_S = 15.0

@@ -1,10 +1,9 @@
-"""Prometheus metrics and the health state of the miner, served over HTTP.
+"""Prometheus metrics of the miner.
 
 :class:`MinerMetrics` owns one :class:`~prometheus_client.CollectorRegistry` per instance
 (never the process-wide default), so several miners, or several tests, can live in one
 process. The daemon calls its methods; :meth:`MinerMetrics.render` produces the text
-exposition. :class:`HealthState` is written by the daemon and read by ``/healthz``.
-:class:`MetricsServer` (in :mod:`miner.metrics_server`) serves both on ``metrics.listen``.
+exposition; :class:`~miner.ops.server.MetricsServer` serves it on ``metrics.listen``.
 
 Every metric name starts with ``aitbc_miner_``; ``docs/metrics.md`` lists them and
 ``config/grafana-dashboard.json`` queries them.
@@ -14,16 +13,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from miner import __version__
-from miner.metrics_server import MetricsServer, status_command
 from runners.base import GpuInfo
-
-__all__ = ["HealthState", "MetricsServer", "MinerMetrics", "status_command"]
 
 PREFIX = "aitbc_miner_"
 MIB = 1024 * 1024
@@ -47,7 +42,7 @@ class MinerMetrics:
     Contract: every method is cheap, never raises on odd values (negative or ``None``
     readings are skipped), and may be called from the event loop. Label values are the
     model names, outcomes and error codes the daemon passes in; keep them bounded (the
-    configured models, :class:`~miner.errors.ErrorCode` values).
+    configured models, :class:`~miner.wire.errors.ErrorCode` values).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -227,39 +222,6 @@ class MinerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition (format 0.0.4) of this registry."""
         return generate_latest(self.registry)
-
-
-@dataclass
-class HealthState:
-    """What ``/healthz`` reports; the daemon writes the fields, the server reads them.
-
-    Healthy only while registered, with a heartbeat acknowledged within three heartbeat
-    intervals, not draining, and with a writable state folder.
-    """
-
-    registered: bool = False
-    last_heartbeat: float | None = None  # time.time() of the last acknowledged heartbeat
-    heartbeat_interval_s: float = 15.0
-    draining: bool = False
-    disk_ok: bool = True
-    disk_reason: str = ""
-
-    def check(self, now: float | None = None) -> tuple[bool, str]:
-        """``(healthy, reason)``; the reason is ``"ok"`` when healthy."""
-        now = time.time() if now is None else now
-        if self.draining:
-            return False, "draining: not claiming, finishing in-flight jobs before exit"
-        if not self.disk_ok:
-            return False, f"state folder unusable: {self.disk_reason or 'write failed'}"
-        if not self.registered:
-            return False, "not registered with the coordinator"
-        if self.last_heartbeat is None:
-            return False, "no heartbeat acknowledged yet"
-        age = now - self.last_heartbeat
-        limit = 3 * self.heartbeat_interval_s
-        if age > limit:
-            return False, f"last acknowledged heartbeat {age:.0f}s ago (limit {limit:.0f}s)"
-        return True, "ok"
 
 
 def _usable(value: float | None) -> bool:

@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import structlog
 
-from miner.gpu import Nvml
-from miner.metrics import MinerMetrics
-from miner.settings import MinerSettings
+from miner.host.nvml import Nvml
+from miner.ops.metrics import MinerMetrics
+from miner.daemon.settings import MinerSettings
 from runners import load_runner_class
 from runners.base import GpuInfo, ModelSpec, Runner, RunnerContext
 
-log = structlog.get_logger("miner.runtime")
+log = structlog.get_logger("miner.daemon.runtime")
 
 CLOSE_TIMEOUT_S = 30.0
 

@@ -13,7 +13,7 @@ entry is deleted, so a crash between the two still counts the job as delivered.
 
 When the state folder cannot be written (disk full, read-only), :meth:`Outbox.put` keeps
 the outcome in memory so it can still be delivered, marks the outbox unhealthy and raises
-:class:`~miner.errors.StateError`; :meth:`Outbox.recover` writes the kept outcomes once
+:class:`~miner.wire.errors.StateError`; :meth:`Outbox.recover` writes the kept outcomes once
 writes work again. All methods are thread-safe (the daemon calls them via
 ``asyncio.to_thread``).
 """
@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 import structlog
 
-from miner.errors import StateError
+from miner.wire.errors import StateError
 
-log = structlog.get_logger("miner.outbox")
+log = structlog.get_logger("miner.outbox.store")
 
 FORMAT_VERSION = 1
 ACKED_LIMIT = 4096

@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from miner import __version__
-from miner.capabilities import build_capabilities
-from miner.errors import AuthenticationFailed, CoordinatorError, CoordinatorRejected, NotRegistered, RateLimited
-from miner.logs import job_context
-from miner.pacing import Backoff, retry
+from miner.daemon.capabilities import build_capabilities
+from miner.wire.errors import AuthenticationFailed, CoordinatorError, CoordinatorRejected, NotRegistered, RateLimited
+from miner.ops.logs import job_context
+from miner.daemon.pacing import Backoff, retry
 
 if TYPE_CHECKING:
-    from miner.agent import Agent
+    from miner.daemon.agent import Agent
 
-log = structlog.get_logger("miner.session")
+log = structlog.get_logger("miner.daemon.session")
 
 HEARTBEATS_PER_MINUTE = 80
 FINAL_ATTEMPTS = 3
 
 
 class Session:
-    """Registration and the heartbeat loop of one :class:`~miner.agent.Agent`.
+    """Registration and the heartbeat loop of one :class:`~miner.daemon.agent.Agent`.
 
     :attr:`capabilities` is what was (or will be) registered; :attr:`registered` is true
     while the coordinator knows this miner. Set :attr:`now` to send a heartbeat as soon

@@ -1,6 +1,6 @@
 """FakeNvml: a stand-in for the ``pynvml`` module, for tests and demos without a GPU.
 
-It offers the functions :mod:`miner.gpu` calls, with the same names, argument order,
+It offers the functions :mod:`miner.host.nvml` calls, with the same names, argument order,
 return shapes (``bytes`` or ``str`` strings, a memory struct in bytes, power in mW) and
 the real ``pynvml.NVMLError`` classes (importing ``pynvml`` does not load the driver), so
 code under test cannot tell it apart. Errors are injected, never patched in::
@@ -114,7 +114,7 @@ class FakeNvml:
             raise self._error("NVML_ERROR_NOT_SUPPORTED")
         return gpu
 
-    # -- the pynvml functions miner.gpu uses ----------------------------------------
+    # -- the pynvml functions miner.host.nvml uses ----------------------------------------
 
     def nvmlInit(self) -> None:
         self.calls.append("nvmlInit")

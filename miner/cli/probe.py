@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from miner import __version__
-from miner.capabilities import build_capabilities
-from miner.errors import ConfigError, StateError
-from miner.gpu import probe_gpus
+from miner.daemon.capabilities import build_capabilities
+from miner.wire.errors import ConfigError, StateError
+from miner.host.nvml import probe_gpus
 from runners.base import GpuInfo
 
 GIB_PER_MIB = 1 / 1024
 
 
 def _key_id(state_dir: Path) -> tuple[str | None, str]:
-    from miner.receipts import KEY_FILE_NAME, key_id, load_key
+    from miner.daemon.keyfile import KEY_FILE_NAME, load_key
+    from miner.wire.receipts import key_id
 
     path = state_dir / KEY_FILE_NAME
     if not path.exists():
@@ -36,7 +37,7 @@ def _key_id(state_dir: Path) -> tuple[str | None, str]:
 
 def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
     """Everything ``probe`` reports, as a JSON-ready dict (``--json`` prints it as is)."""
-    from miner.settings import DEFAULT_CONFIG, load_settings
+    from miner.daemon.settings import DEFAULT_CONFIG, load_settings
 
     settings = None
     if config is not None or DEFAULT_CONFIG.exists():
@@ -128,7 +129,7 @@ def probe_command(args: Any, nvml: Any = None) -> int:
     """
     import sys
 
-    from miner.logs import configure_logging
+    from miner.ops.logs import configure_logging
 
     configure_logging("info", "auto", stream=sys.stderr)
     report = gather(getattr(args, "config", None), nvml)

@@ -14,23 +14,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import secrets
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from miner.errors import ConfigError, StateError
+from miner.wire.errors import ReceiptVerificationError
+from miner.wire.protocol import utc_iso
 
 ALG = "Ed25519"
-KEY_FILE_NAME = "receipt-key.ed25519"
-
-
-class ReceiptVerificationError(ValueError):
-    """A receipt does not verify: malformed, wrong algorithm, wrong key, or tampered."""
 
 
 def b64url(data: bytes) -> str:
@@ -118,11 +112,6 @@ def verify_receipt(receipt: dict[str, Any], public_key: str | bytes | VerifyKey 
     return key
 
 
-def utc_iso(ts: float) -> str:
-    """ISO 8601 UTC with a ``Z`` suffix, e.g. ``2026-11-28T17:13:21.123456Z``."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def prompt_sha256(prompt: str | None, messages: list[Any] | None) -> str:
     """SHA-256 of the prompt string, or of the canonical JSON of chat ``messages``."""
     if prompt is not None:
@@ -172,44 +161,3 @@ def build_miner_receipt(
     if extra:
         receipt.update(extra)
     return drop_nones(receipt)
-
-
-# --- the miner's key -------------------------------------------------------------------
-
-
-def load_or_create_key(path: Path) -> SigningKey:
-    """Load the 32-byte Ed25519 seed at ``path``, creating it (mode 0600) if absent.
-
-    A key file readable by group or others is refused: the key signs every receipt.
-    """
-    try:
-        if path.exists():
-            return load_key(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = SigningKey.generate()
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, bytes(key))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        return key
-    except OSError as exc:
-        raise StateError(f"cannot create the receipt key at {path}: {exc.strerror}") from exc
-
-
-def load_key(path: Path) -> SigningKey:
-    try:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigError(
-                f"receipt key {path} has mode {mode:o}; it must be private: run `chmod 600 {path}`"
-            )
-        seed = path.read_bytes()
-    except OSError as exc:
-        raise StateError(f"cannot read the receipt key at {path}: {exc.strerror}") from exc
-    if len(seed) != 32:
-        raise ConfigError(f"receipt key {path} is not a 32-byte Ed25519 seed ({len(seed)} bytes); remove it to make a new one")
-    return SigningKey(seed)

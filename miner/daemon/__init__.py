@@ -1,0 +1,1 @@
+"""The daemon core: lifecycle, the job pipeline, the session, claiming, settings."""

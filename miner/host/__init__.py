@@ -1,0 +1,1 @@
+"""The host and its GPUs: NVML, and the fake NVML for tests."""

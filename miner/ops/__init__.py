@@ -1,0 +1,1 @@
+"""Operations: metrics, the health server, systemd notification, logs."""

@@ -1,0 +1,39 @@
+"""The health state of the miner: written by the daemon, read by ``/healthz``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class HealthState:
+    """What ``/healthz`` reports; the daemon writes the fields, the server reads them.
+
+    Healthy only while registered, with a heartbeat acknowledged within three heartbeat
+    intervals, not draining, and with a writable state folder.
+    """
+
+    registered: bool = False
+    last_heartbeat: float | None = None  # time.time() of the last acknowledged heartbeat
+    heartbeat_interval_s: float = 15.0
+    draining: bool = False
+    disk_ok: bool = True
+    disk_reason: str = ""
+
+    def check(self, now: float | None = None) -> tuple[bool, str]:
+        """``(healthy, reason)``; the reason is ``"ok"`` when healthy."""
+        now = time.time() if now is None else now
+        if self.draining:
+            return False, "draining: not claiming, finishing in-flight jobs before exit"
+        if not self.disk_ok:
+            return False, f"state folder unusable: {self.disk_reason or 'write failed'}"
+        if not self.registered:
+            return False, "not registered with the coordinator"
+        if self.last_heartbeat is None:
+            return False, "no heartbeat acknowledged yet"
+        age = now - self.last_heartbeat
+        limit = 3 * self.heartbeat_interval_s
+        if age > limit:
+            return False, f"last acknowledged heartbeat {age:.0f}s ago (limit {limit:.0f}s)"
+        return True, "ok"

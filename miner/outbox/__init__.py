@@ -1,0 +1,1 @@
+"""Durable outcomes: the outbox on disk and delivery to the coordinator."""
