@@ -34,5 +34,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .demo

@@ -2,21 +2,23 @@
 
 Clients and miners both send ``X-Api-Key``; a job belongs to the hash of the client key
 that submitted it (keys themselves are never stored). A miner is named by ``X-Miner-ID``,
-or by its key when the header is absent (as the reference service does).
+or by its key when the header is absent (as the reference service does). A miner id is
+bound to the hash of the miner key that first registered it: every miner call under that
+id with another key is refused 403 (not in reference-quirks mode).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Header, Request, Security
 from fastapi.security import APIKeyHeader
 
 from coordinator.errors import ApiError
 from coordinator.ratelimit import retry_after_header
-from coordinator.state import config_of
+from coordinator.state import config_of, dispatcher_of
 
 API_KEY = APIKeyHeader(name="X-Api-Key", auto_error=False, description="client or miner API key")
 MAX_MINER_ID = 128
@@ -75,12 +77,12 @@ def miner_auth(endpoint: str) -> Callable[..., Awaitable[str]]:
             host = request.client.host if request.client else "unknown"
             if not config.miner_windows.take((endpoint, host), getattr(limits, endpoint), limits.window_s):
                 raise ApiError(429, "Rate limit exceeded", headers={"Retry-After": retry_after_header(limits.window_s)})
-        if not is_known_key(api_key, config.miner_keys):
+        if api_key is None or not is_known_key(api_key, config.miner_keys):
             raise ApiError(401, "Invalid API key")
         miner_id = x_miner_id if x_miner_id is not None else api_key
-        assert miner_id is not None
         if not miner_id.strip() or len(miner_id) > MAX_MINER_ID:
             raise ApiError(422, f"X-Miner-ID: must be 1 to {MAX_MINER_ID} characters")
+        dispatcher_of(request).check_key(miner_id, key_owner(api_key))
         return miner_id
 
     return dependency

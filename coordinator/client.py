@@ -74,7 +74,7 @@ class Client:
         self._http = httpx.Client(base_url=self.base_url, headers={"X-Api-Key": api_key}, timeout=timeout,
                                   transport=transport)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

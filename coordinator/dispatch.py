@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any
 
 from coordinator.errors import MINER_NOT_REGISTERED, ApiError, not_found
 from coordinator.quirks import Behaviour
@@ -161,13 +163,26 @@ class Dispatcher:
         self.store.touch_miner(miner_id, self.clock())
         return miner
 
+    def check_key(self, miner_id: str, key_hash: str) -> None:
+        """403 when ``miner_id`` is bound to another miner API key than the one hashed as ``key_hash``."""
+        if not self.behaviour.bind_miner_keys:
+            return
+        miner = self.store.get_miner(miner_id)
+        if miner is not None and miner.key_hash is not None and not hmac.compare_digest(miner.key_hash, key_hash):
+            raise ApiError(403, f"X-Miner-ID: miner id {miner_id!r} is registered with another miner API key; "
+                                "send the key it registered with, or use another miner id")
+
     def register(self, miner_id: str, capabilities: dict[str, Any], concurrency: int, region: str | None,
-                 receipt_key: str | None, held_jobs: Iterable[str] = ()) -> str:
+                 receipt_key: str | None, held_jobs: Iterable[str] = (), key_hash: str | None = None) -> str:
         """Register (or re-register) a miner; its RUNNING jobs not in ``held_jobs`` are requeued.
 
         A restarted miner holds nothing, so all its RUNNING jobs go back to the queue at
         once; a miner that re-registers to update its capabilities keeps what it runs.
+        The id stays bound to the key (``key_hash``) that first registered it: another key
+        is refused 403 (unless the behaviour does not bind keys).
         """
+        if key_hash is not None:
+            self.check_key(miner_id, key_hash)  # again here: no await between this check and the write
         now = self.clock()
         token = secrets.token_hex(16)
         held = set(held_jobs)
@@ -175,7 +190,7 @@ class Dispatcher:
         requeued = [job for job in running if job.job_id not in held]
         with self.store.transaction() as conn:
             self.store.upsert_miner(conn, MinerRow(miner_id, capabilities, concurrency, region, "ONLINE", 0, now,
-                                                   now, token, receipt_key))
+                                                   now, token, receipt_key, key_hash))
             for job in requeued:
                 self.requeue(conn, job, now)
             stale = [row[0] for row in conn.execute(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response, Security
 
-from coordinator.auth import miner_auth
+from coordinator.auth import API_KEY, key_owner, miner_auth
 from coordinator.errors import ApiError
 from coordinator.models import (
     FailAnswer,
@@ -34,7 +34,7 @@ JobId = Path(..., min_length=1, max_length=128)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses(400, 401, 413, 422, 429, *codes)
+    return error_responses(400, 401, 403, 413, 422, 429, *codes)
 
 
 def receipt_key_of(capabilities: dict[str, Any]) -> str | None:
@@ -51,18 +51,23 @@ def receipt_key_of(capabilities: dict[str, Any]) -> str | None:
         valid = isinstance(key_id, str) and len(b64url_decode(key_id)) == 32
     except ValueError:
         valid = False
-    if not valid:
+    if not valid or not isinstance(key_id, str):
         raise ApiError(422, "capabilities.receipt_key.key_id: must be the url-safe base64 of a 32-byte Ed25519 key")
-    return key_id  # type: ignore[return-value]
+    return key_id
 
 
 @router.post("/register", response_model=RegisterAnswer, responses=_errors())
 async def register(body: RegisterRequest, request: Request,
-                   miner_id: str = Depends(miner_auth("register"))) -> RegisterAnswer:
-    """Register (or re-register) a miner; its RUNNING jobs not in ``held_jobs`` are requeued."""
+                   miner_id: str = Depends(miner_auth("register")),
+                   api_key: str | None = Security(API_KEY)) -> RegisterAnswer:
+    """Register (or re-register) a miner; its RUNNING jobs not in ``held_jobs`` are requeued.
+
+    The miner id is bound to the API key that first registered it; another key gets 403.
+    """
     key = receipt_key_of(body.capabilities)
+    assert api_key is not None  # miner_auth refused a missing key
     token = dispatcher_of(request).register(miner_id, body.capabilities, body.concurrency, body.region, key,
-                                            held_jobs=body.held_jobs or ())
+                                            held_jobs=body.held_jobs or (), key_hash=key_owner(api_key))
     return RegisterAnswer(status="ok", session_token=token)
 
 
@@ -90,7 +95,7 @@ async def poll(request: Request, body: PollRequest | None = None,
     constraints = {name: None for name in CONSTRAINT_FIELDS}
     constraints.update(job.constraints)
     return PollAnswer(job_id=job.job_id, payload=job.payload, constraints=constraints,
-                      expires_at=datetime.fromtimestamp(job.expires_at, tz=timezone.utc))
+                      expires_at=datetime.fromtimestamp(job.expires_at, tz=UTC))
 
 
 async def _hang_up(request: Request) -> None:

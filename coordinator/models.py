@@ -76,7 +76,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return answers
 
 
-class JobState(str, Enum):
+class JobState(str, Enum):  # noqa: UP042 - str+Enum keeps how these values format today
     """Job states as published; ``CANCELED`` only in reference-quirks mode."""
 
     QUEUED = "QUEUED"
@@ -88,7 +88,7 @@ class JobState(str, Enum):
     CANCELED = "CANCELED"
 
 
-class PaymentStatus(str, Enum):
+class PaymentStatus(str, Enum):  # noqa: UP042 - str+Enum keeps how these values format today
     """States of the simulated payments ledger."""
 
     escrowed = "escrowed"

@@ -1,7 +1,8 @@
 """Behaviour switches: the local coordinator's own rules, or the reference service's quirks.
 
 The default :data:`LOCAL` behaviour is the published API done right (long-poll, ``/fail``
-frees the slot, ownership checks, ``cancelled_jobs`` in the heartbeat answer). The
+frees the slot, ownership checks, ``cancelled_jobs`` in the heartbeat answer, a miner id
+bound to the miner API key that first registered it). The
 :data:`REFERENCE` behaviour reproduces what the running reference coordinator does
 (PROTOCOL.md section B), so the miner can be tested against it on loopback. Matching
 of jobs to miners is the same in both.
@@ -35,6 +36,7 @@ class Behaviour:
     report_cancelled: bool = True  # heartbeat answers list "cancelled_jobs"
     cancelled_state: str = "CANCELLED"
     strict_outcomes: bool = True  # 409 for a result/fail from a non-holder or on a finished job
+    bind_miner_keys: bool = True  # 403 for a miner id used with another key than the one that registered it
     miner_rate_limits: MinerRateLimits | None = field(default=None)
 
 
@@ -47,6 +49,7 @@ REFERENCE = Behaviour(
     report_cancelled=False,
     cancelled_state="CANCELED",
     strict_outcomes=False,
+    bind_miner_keys=False,
     miner_rate_limits=MinerRateLimits(),
 )
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+
+from miner.wire.ratelimit import TokenBucket
 
 
 @dataclass(frozen=True)
@@ -28,19 +30,14 @@ class TokenBuckets:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def take(self, key: tuple[str, str], limit: int, window_s: float) -> float | None:
         """Take one token; ``None`` when allowed, else the seconds to wait for one."""
-        now = self._clock()
-        rate = limit / window_s
-        tokens, last = self._buckets.get(key, (float(limit), now))
-        tokens = min(float(limit), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return None
-        self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / rate
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(limit, limit / window_s, clock=self._clock)
+        return bucket.take()
 
 
 class FixedWindows:

@@ -9,23 +9,15 @@ coordinator refuses to start without both.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import secrets
 import sys
-from typing import Mapping
+from collections.abc import Mapping
+
+from miner.wire.net import is_loopback_host
 
 CLIENT_KEYS_ENV = "AITBC_COORDINATOR_CLIENT_KEYS"
 MINER_KEYS_ENV = "AITBC_COORDINATOR_MINER_KEYS"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def collect_keys(given: list[str] | None, env_name: str, environ: Mapping[str, str]) -> list[str]:
@@ -47,7 +39,7 @@ def serve_from_cli(args: argparse.Namespace, environ: Mapping[str, str] | None =
     environ = os.environ if environ is None else environ
     client_keys = collect_keys(getattr(args, "client_key", None), CLIENT_KEYS_ENV, environ)
     miner_keys = collect_keys(getattr(args, "miner_key", None), MINER_KEYS_ENV, environ)
-    if not (client_keys and miner_keys) and not is_loopback(args.host):
+    if not (client_keys and miner_keys) and not is_loopback_host(args.host):
         print(
             f"error: refusing to listen on {args.host} without keys: pass --client-key and --miner-key "
             f"(or set {CLIENT_KEYS_ENV} and {MINER_KEYS_ENV})",

@@ -4,7 +4,8 @@ One connection, guarded by a lock, used from the event loop with short transacti
 (each is a handful of indexed statements, well under a millisecond). Everything the
 coordinator knows lives here, so a restart on the same file loses nothing: jobs,
 results, receipts exactly as the miner signed them, the simulated payments ledger and
-miner registrations (so a result replayed after a restart still verifies).
+miner registrations (so a result replayed after a restart still verifies), each with the
+hash of the miner API key that first registered its id.
 
 Times are unix seconds (``REAL``); JSON columns hold the text as stored.
 """
@@ -14,10 +15,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -72,9 +74,13 @@ CREATE TABLE IF NOT EXISTS miners (
     last_seen REAL NOT NULL,
     registered_at REAL NOT NULL,
     session_token TEXT NOT NULL,
-    receipt_key TEXT
+    receipt_key TEXT,
+    key_hash TEXT
 );
 """
+
+# Columns added after the first release: (table, column, type), added to older files at open.
+MIGRATIONS = (("miners", "key_hash", "TEXT"),)
 
 JOB_COLUMNS = (
     "seq, job_id, owner, payload, constraints, ttl_seconds, state, assigned_miner_id, requested_at, "
@@ -116,7 +122,7 @@ class JobRow:
     attempts: int
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "JobRow":
+    def from_row(cls, row: sqlite3.Row) -> JobRow:
         data = dict(row)
         for name in ("payload", "constraints", "result", "metrics"):
             if data[name] is not None:
@@ -139,9 +145,10 @@ class MinerRow:
     registered_at: float
     session_token: str
     receipt_key: str | None
+    key_hash: str | None = None  # the miner API key the id is bound to (hashed); None: not bound yet
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "MinerRow":
+    def from_row(cls, row: sqlite3.Row) -> MinerRow:
         data = dict(row)
         data["capabilities"] = json.loads(data["capabilities"])
         return cls(**data)
@@ -174,6 +181,13 @@ class Store:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        for table, column, kind in MIGRATIONS:
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -298,9 +312,10 @@ class Store:
     def upsert_miner(conn: sqlite3.Connection, miner: MinerRow) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO miners (miner_id, capabilities, concurrency, region, status, inflight, "
-            "last_seen, registered_at, session_token, receipt_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_seen, registered_at, session_token, receipt_key, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (miner.miner_id, dumps(miner.capabilities), miner.concurrency, miner.region, miner.status,
-             miner.inflight, miner.last_seen, miner.registered_at, miner.session_token, miner.receipt_key),
+             miner.inflight, miner.last_seen, miner.registered_at, miner.session_token, miner.receipt_key,
+             miner.key_hash),
         )
 
     @staticmethod

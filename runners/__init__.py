@@ -36,7 +36,7 @@ def import_from_string(target: str) -> Any:
 
 
 # What a runner class must provide (runners.base.Runner); checked when it is imported.
-RUNNER_MEMBERS = ("name", "start", "ready_models", "run", "health", "aclose")
+RUNNER_MEMBERS = ("name", "start", "ready_models", "run", "aclose")
 
 
 def discover() -> dict[str, str]:
@@ -82,7 +82,9 @@ def load_runner_class(name: str) -> type:
         raise ConfigError(f"runner {name!r} cannot be imported: {what}{hint}") from exc
     missing = missing_members(cls)
     if missing:
-        raise ConfigError(f"runner {name!r} ({target}) does not implement the runner protocol: missing {', '.join(missing)}")
+        raise ConfigError(
+            f"runner {name!r} ({target}) does not implement the runner protocol: missing {', '.join(missing)}"
+        )
     return cls
 
 

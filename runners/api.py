@@ -14,7 +14,6 @@ from runners.base import (
     ModelSpec,
     Runner,
     RunnerContext,
-    RunnerHealth,
     RunResult,
     parse_options,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "ModelSpec",
     "Runner",
     "RunnerContext",
-    "RunnerHealth",
     "RunResult",
     "TextRequest",
     "apply_stop",

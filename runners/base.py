@@ -8,7 +8,7 @@ A runner serves one or more configured models (``[[models]]`` entries naming it)
 3. ``await run(job)`` any number of times, concurrently: returns a :class:`RunResult` or
    raises :class:`~miner.wire.errors.JobError`. It must not block the event loop: heavy work
    goes to a worker thread. It watches ``job.cancelled`` and ``job.expired()``;
-4. ``await health()`` at any time; ``ready_models()`` says what may be advertised now;
+4. ``ready_models()`` at any time says what may be advertised now;
 5. ``await aclose()`` once.
 
 The fake runner (:mod:`runners.fake`) is the smallest complete example.
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -109,10 +110,25 @@ class Job:
         return self.cancel_event.is_set() or self.expired()
 
     def raise_if_stopped(self) -> None:
-        if self.cancel_event.is_set():
-            raise JobError(ErrorCode.CANCELLED, "the job was cancelled")
-        if self.expired():
-            raise JobError(ErrorCode.DEADLINE_EXCEEDED, "the job passed its deadline (TTL) while running")
+        """Raise the :func:`stop_error` of this job, if it must stop now."""
+        error = stop_error(self)
+        if error is not None:
+            raise error
+
+
+def stop_error(job: Job, closing: bool = False, during: str = "while running") -> JobError | None:
+    """The error a job that must stop now ends with, or ``None`` when it may go on.
+
+    ``closing`` (the runner is shutting down) wins over a cancel, a cancel over the
+    deadline; ``during`` ends the deadline message (what the job was doing).
+    """
+    if closing:
+        return JobError(ErrorCode.SHUTDOWN, "the miner is shutting down")
+    if job.cancelled:
+        return JobError(ErrorCode.CANCELLED, "the job was cancelled")
+    if job.expired():
+        return JobError(ErrorCode.DEADLINE_EXCEEDED, f"the job passed its deadline (TTL) {during}")
+    return None
 
 
 @dataclass
@@ -131,13 +147,6 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class RunnerHealth:
-    ok: bool
-    detail: str = ""
-    models: dict[str, str] = field(default_factory=dict)  # name -> "ready" | "loading" | "unavailable: ..."
-
-
 @runtime_checkable
 class Runner(Protocol):
     """The contract every runner meets (see the module docstring for the life cycle)."""
@@ -151,7 +160,5 @@ class Runner(Protocol):
     def ready_models(self) -> list[str]: ...
 
     async def run(self, job: Job) -> RunResult: ...
-
-    async def health(self) -> RunnerHealth: ...
 
     async def aclose(self) -> None: ...

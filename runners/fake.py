@@ -16,19 +16,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from miner.wire.errors import ErrorCode, JobError
 from miner.wire.receipts import canonical_json
-from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
+from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.params import apply_stop
 
 _WORDS = (
-    "gpu tensor block token lattice kernel ledger miner proof epoch shard cache warp "
-    "stream vector matrix signal relay beacon quorum nonce"
-).split()
+    "gpu", "tensor", "block", "token", "lattice", "kernel", "ledger", "miner", "proof",
+    "epoch", "shard", "cache", "warp", "stream", "vector", "matrix", "signal", "relay",
+    "beacon", "quorum", "nonce",
+)
 
 
 class FakeOptions(BaseModel):
@@ -43,7 +45,7 @@ class FakeOptions(BaseModel):
 
 def fake_text(model: str, prompt_key: str, seed: int | None, n_words: int) -> str:
     """The deterministic output for these inputs (exported so tests can predict it)."""
-    words = []
+    words: list[str] = []
     counter = 0
     while len(words) < n_words:
         digest = hashlib.sha256(f"{model}|{seed}|{prompt_key}|{counter}".encode()).digest()
@@ -77,7 +79,10 @@ class FakeRunner:
         if options is None:
             raise JobError(ErrorCode.MODEL_NOT_SERVED, f"model {job.model!r} is not served by the fake runner")
         request = job.request
-        prompt_key = request.prompt if request.prompt is not None else canonical_json(list(request.messages or ())).decode()
+        if request.prompt is not None:
+            prompt_key = request.prompt
+        else:
+            prompt_key = canonical_json(list(request.messages or ())).decode()
         failing = options.fail_mode != "none" and (options.fail_marker is None or options.fail_marker in prompt_key)
         started = time.monotonic()
         await self._wait(job, None if failing and options.fail_mode == "hang" else options.delay_s)
@@ -112,9 +117,6 @@ class FakeRunner:
             if left <= 0:
                 return
             await asyncio.sleep(min(left, 0.05))
-
-    async def health(self) -> RunnerHealth:
-        return RunnerHealth(ok=not self._closed, models={name: "ready" for name in self.ready_models()})
 
     async def aclose(self) -> None:
         self._closed = True

@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Coroutine, Literal, Sequence
-from urllib.parse import urlsplit
+from typing import Any, ClassVar, Literal
 
 import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from miner.wire.errors import ConfigError, ErrorCode, JobError
-from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
+from miner.wire.errors import ErrorCode, JobError
+from miner.wire.net import check_http_url
+from miner.wire.secretfile import read_secret_file
+from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.openai_engine import EngineState
 from runners.openai_wire import (
     RENAMEABLE_PARAMS,
@@ -79,11 +81,10 @@ class OpenAIOptions(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8000/v1")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("must be a plain URL without credentials or a query; put the engine's API key in api_key_file")
+        try:
+            check_http_url(value, "http://127.0.0.1:8000/v1", plain=True)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; put the engine's API key in api_key_file") from None
         return value.rstrip("/")
 
     @field_validator("param_names")
@@ -107,17 +108,6 @@ class _Served:
 
     def unready_reason(self) -> str | None:
         return self.engine.unready_reason(self.served_model)
-
-
-def _read_key(spec_name: str, path: Path) -> str:
-    setting = f"models[name={spec_name!r}].api_key_file"
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}; check the path and its permissions") from exc
-    if not key:
-        raise ConfigError(f"{setting}: {path} is empty; put the engine's API key in it")
-    return key
 
 
 async def _watch_stop(job: Job, give_up_at: float) -> str:
@@ -159,7 +149,10 @@ class OpenAIRunner:
             engine_key = (options.base_url, options.api_key_file, options.check_models)
             engine = engines.get(engine_key)
             if engine is None:
-                api_key = _read_key(spec.name, options.api_key_file) if options.api_key_file else None
+                api_key = None
+                if options.api_key_file is not None:
+                    setting = f"models[name={spec.name!r}].api_key_file"
+                    api_key = read_secret_file(options.api_key_file, setting, "the engine's API key")
                 engine = engines[engine_key] = EngineState(
                     options.base_url,
                     api_key,
@@ -181,15 +174,6 @@ class OpenAIRunner:
         if self._client is None:
             return []
         return [name for name, served in self._served.items() if served.unready_reason() is None]
-
-    async def health(self) -> RunnerHealth:
-        models = {}
-        for name, served in self._served.items():
-            reason = served.unready_reason() if self._client is not None else "the runner is not started"
-            models[name] = "ready" if reason is None else f"unavailable: {reason}"
-        problems = [f"{engine.base_url}: {engine.problem}" for engine in self._engines if engine.problem]
-        ok = self._client is not None and any(state == "ready" for state in models.values())
-        return RunnerHealth(ok=ok, detail="; ".join(problems), models=models)
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -214,11 +198,17 @@ class OpenAIRunner:
         asked = job.request.params.max_new_tokens
         max_tokens = min(asked or options.max_new_tokens, options.max_new_tokens)
         started = time.monotonic()
-        gen, streamed = await self._guard(job, self._exchange(served, job, max_tokens), started + options.timeout_s, options)
+        gen, streamed = await self._guard(
+            job, self._exchange(served, job, max_tokens), started + options.timeout_s, options
+        )
         return self._result(served, job, gen, streamed, started)
 
     async def _guard(
-        self, job: Job, work_coro: Coroutine[Any, Any, tuple[Generation, bool]], give_up_at: float, options: OpenAIOptions
+        self,
+        job: Job,
+        work_coro: Coroutine[Any, Any, tuple[Generation, bool]],
+        give_up_at: float,
+        options: OpenAIOptions,
     ) -> tuple[Generation, bool]:
         """Run the exchange until it ends or the job must stop; stopping closes the stream."""
         work = asyncio.ensure_future(work_coro)
@@ -237,7 +227,9 @@ class OpenAIRunner:
         if reason == "cancelled":
             raise JobError(ErrorCode.CANCELLED, "the job was cancelled; the engine stream was closed")
         if reason == "deadline":
-            raise JobError(ErrorCode.DEADLINE_EXCEEDED, "the job passed its deadline (TTL) while the engine was generating")
+            raise JobError(
+                ErrorCode.DEADLINE_EXCEEDED, "the job passed its deadline (TTL) while the engine was generating"
+            )
         raise JobError(
             ErrorCode.BACKEND_UNAVAILABLE,
             f"the engine at {options.base_url} did not finish within timeout_s={options.timeout_s:g} s",
@@ -268,7 +260,9 @@ class OpenAIRunner:
                 if response.status_code >= 300:  # redirects are not followed
                     raise self._refused(served, job, response.status_code, response.content)
                 return parse_answer(_json(response), chat=chat), False
-            async with self._client.stream("POST", url, json=body, headers=engine.headers(), timeout=timeout) as response:
+            async with self._client.stream(
+                "POST", url, json=body, headers=engine.headers(), timeout=timeout
+            ) as response:
                 answered = True
                 if response.status_code >= 300:  # redirects are not followed
                     content = await response.aread()
@@ -299,7 +293,8 @@ class OpenAIRunner:
             job.raise_if_stopped()
         if not gen.done and gen.finish_reason is None:
             raise JobError(
-                ErrorCode.BACKEND_UNAVAILABLE, f"the engine at {base_url} ended the stream before the generation finished"
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"the engine at {base_url} ended the stream before the generation finished",
             )
         return gen
 
@@ -311,10 +306,7 @@ class OpenAIRunner:
             return False
         if engine.usage_in_stream:
             engine.usage_in_stream = False
-            log.info(
-                f"engine at {engine.base_url} refuses stream_options; counting streamed chunks instead",
-                base_url=engine.base_url,
-            )
+            log.info("engine_stream_options_refused", base_url=engine.base_url, fallback="counting streamed chunks")
         return True
 
     @staticmethod

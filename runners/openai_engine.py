@@ -73,7 +73,7 @@ class EngineState:
             try:
                 await self.check(client)
             except Exception as exc:  # the re-check must never take the daemon down
-                log.error("engine check failed unexpectedly", base_url=self.base_url, error=repr(exc))
+                log.error("engine_check_error", base_url=self.base_url, error=repr(exc))
 
     def _judge(self, response: httpx.Response) -> tuple[str | None, dict[str, str | None]]:
         status = response.status_code
@@ -105,15 +105,19 @@ class EngineState:
         self._last_state = state
         if self.problem is not None:
             log.warning(
-                f"engine at {self.base_url} is unavailable: {self.problem}; models {sorted(missing)} are not "
-                f"advertised until it answers (re-checking every {self.recheck_interval_s:g} s)",
+                "engine_unavailable",
                 base_url=self.base_url,
+                problem=self.problem,
+                models=sorted(missing),
+                recheck_s=self.recheck_interval_s,
             )
             return
-        log.info(f"engine at {self.base_url} serves {ready}", base_url=self.base_url, models=ready)
+        log.info("engine_ready", base_url=self.base_url, models=ready)
         if missing:
             log.warning(
-                f"engine at {self.base_url} does not list served_model {sorted(set(missing.values()))} for models "
-                f"{sorted(missing)}; they are not advertised (it lists {sorted(self.listed)[:20]})",
+                "engine_models_not_listed",
                 base_url=self.base_url,
+                models=sorted(missing),
+                served_models=sorted(set(missing.values())),
+                listed=sorted(self.listed)[:20],
             )

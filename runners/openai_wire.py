@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import httpx
 
@@ -26,7 +27,6 @@ MODELS_PATH = "/models"
 # Parameters whose field name differs between engines; ``param_names`` renames them.
 RENAMEABLE_PARAMS = frozenset({"top_p", "top_k", "repetition_penalty", "stop", "seed"})
 
-_STOP_REASONS = frozenset({"stop", "eos", "eos_token", "stop_sequence", "end_turn", "content_filter"})
 _LENGTH_REASONS = frozenset({"length", "max_tokens", "model_length"})
 _FAILED_REASONS = frozenset({"abort", "error", "cancelled"})
 _CONTEXT_WORDS = re.compile(r"context|too long|maximum.*length|max_total_tokens|exceed|truncat", re.IGNORECASE)
@@ -165,7 +165,9 @@ def fold_chunk(gen: Generation, payload: str, *, chat: bool, inputs: Iterable[st
     except ValueError:
         raise _malformed("a streamed event is not JSON") from None
     if isinstance(data, dict) and "error" in data and "choices" not in data:
-        raise JobError(ErrorCode.BACKEND_UNAVAILABLE, f"the engine reported an error mid-stream{_engine_says(data, inputs)}")
+        raise JobError(
+            ErrorCode.BACKEND_UNAVAILABLE, f"the engine reported an error mid-stream{_engine_says(data, inputs)}"
+        )
     _fold(gen, data, chat=chat, streamed=True)
 
 
@@ -272,7 +274,8 @@ def engine_error(status: int, body: bytes, *, base_url: str, served_model: str, 
         )
     if 300 <= status < 400:
         return JobError(
-            ErrorCode.BACKEND_UNAVAILABLE, f"{where} answered with a redirect ({status}); set base_url to where it points"
+            ErrorCode.BACKEND_UNAVAILABLE,
+            f"{where} answered with a redirect ({status}); set base_url to where it points",
         )
     return JobError(ErrorCode.BACKEND_UNAVAILABLE, f"{where} answered HTTP {status}{says}")
 
@@ -281,7 +284,9 @@ def transport_error(exc: httpx.HTTPError, *, base_url: str, mid_stream: bool) ->
     """Map a connection-level failure to ``BACKEND_UNAVAILABLE`` with a hint."""
     kind = type(exc).__name__
     if isinstance(exc, httpx.ConnectError):
-        return JobError(ErrorCode.BACKEND_UNAVAILABLE, f"the engine at {base_url} is not reachable ({kind}); is it running?")
+        return JobError(
+            ErrorCode.BACKEND_UNAVAILABLE, f"the engine at {base_url} is not reachable ({kind}); is it running?"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return JobError(ErrorCode.BACKEND_UNAVAILABLE, f"the engine at {base_url} timed out ({kind})")
     if mid_stream:

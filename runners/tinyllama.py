@@ -16,8 +16,12 @@ torch, transformers and tokenizers are imported inside the functions only.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -74,7 +78,7 @@ def stdlib_corpus(max_bytes: int = 6_000_000) -> Iterator[str]:
             return
 
 
-def train_tokenizer(vocab_size: int, corpus: Literal["builtin", "stdlib"] = "builtin"):  # -> TokenizersBackend
+def train_tokenizer(vocab_size: int, corpus: Literal["builtin", "stdlib"] = "builtin") -> PreTrainedTokenizerFast:
     """Train a byte-level BPE and wrap it as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -116,7 +120,7 @@ def llama_config(
     bos_token_id: int = 1,
     eos_token_id: int = 2,
     pad_token_id: int = 0,
-):  # -> LlamaConfig
+) -> LlamaConfig:
     """A ``LlamaConfig`` of the given shape (intermediate defaults to ~8/3 × hidden)."""
     from transformers import LlamaConfig
 

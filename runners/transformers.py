@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 
 from miner.wire.errors import ConfigError, DeviceError, ErrorCode, JobError
-from runners.base import Job, ModelSpec, RunnerContext, RunnerHealth, RunResult, parse_options
+from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.hf.options import TransformersOptions
 
 if TYPE_CHECKING:
@@ -151,19 +152,6 @@ class TransformersRunner:
             job.cancel()  # the worker drops the job at its next step
             request.abandon()
             raise
-
-    async def health(self) -> RunnerHealth:
-        models: dict[str, str] = {}
-        for name, worker in self._route.items():
-            if worker.broken is not None:
-                models[name] = f"unavailable: {worker.broken}"
-            elif worker.loading == name:
-                models[name] = "loading"
-            else:
-                models[name] = "ready"
-        broken = sorted(key for key, w in self._workers.items() if w.broken is not None)
-        detail = f"unusable device(s): {', '.join(broken)}" if broken else ""
-        return RunnerHealth(ok=not self._closed and not broken, detail=detail, models=models)
 
     async def aclose(self) -> None:
         """Stop the workers (queued jobs fail with SHUTDOWN) and free the models."""

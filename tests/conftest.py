@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,7 +22,7 @@ def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
 
 
 @pytest.fixture
-def coordinator_client(coordinator: RunningCoordinator) -> Iterator["Client"]:
+def coordinator_client(coordinator: RunningCoordinator) -> Iterator[Client]:
     """``coordinator.client.Client`` for the ``coordinator`` fixture, with its client key."""
     from coordinator.client import Client
 

@@ -4,8 +4,9 @@ local coordinator: fast pacing, no GPU, no metrics port, JSON logs."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tests.servers import RunningCoordinator
 

@@ -11,14 +11,19 @@ from runners.params import apply_stop, parse_text_payload
 def test_prompt_payload_with_openai_style_parameters() -> None:
     """max_tokens is an alias of max_new_tokens; temperature 0 is greedy; stop may be a string."""
     req = parse_text_payload(
-        {"model": "llama2", "prompt": "hi", "parameters": {"max_tokens": 8, "temperature": 0, "stop": "\n", "unknown": 1}}
+        {
+            "model": "llama2",
+            "prompt": "hi",
+            "parameters": {"max_tokens": 8, "temperature": 0, "stop": "\n", "unknown": 1},
+        }
     )
     assert req.params.max_new_tokens == 8 and req.params.greedy and req.params.stop == ("\n",)
 
 
 def test_chat_payload_is_parsed() -> None:
     """messages with roles and string contents are accepted."""
-    req = parse_text_payload({"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]})
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    req = parse_text_payload({"model": "m", "messages": messages})
     assert req.prompt is None and req.messages is not None and len(req.messages) == 2
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 import pytest
 
-from miner.wire.protocol import ConstraintError, normalise_gpu_name, parse_constraints, parse_timestamp, unmet_constraint
+from miner.wire.protocol import (
+    ConstraintError,
+    normalise_gpu_name,
+    parse_constraints,
+    parse_timestamp,
+    unmet_constraint,
+)
 
 CAPS = {
     "gpus": [
@@ -67,7 +73,12 @@ def test_null_fields_mean_any() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "field"),
-    [({"min_vram_gb": "8"}, "min_vram_gb"), ({"models": [1]}, "models"), ({"gpu": 3090}, "gpu"), ({"max_price": -1}, "max_price")],
+    [
+        ({"min_vram_gb": "8"}, "min_vram_gb"),
+        ({"models": [1]}, "models"),
+        ({"gpu": 3090}, "gpu"),
+        ({"max_price": -1}, "max_price"),
+    ],
 )
 def test_wrong_types_name_the_field(raw: dict, field: str) -> None:
     """A constraint of the wrong type raises an error naming that field."""
@@ -81,4 +92,4 @@ def test_timestamps_parse_naive_and_aware_as_utc() -> None:
     naive = parse_timestamp("2026-11-28T17:08:59.765980")
     aware = parse_timestamp("2026-11-28T18:08:59.765980+01:00")
     zulu = parse_timestamp("2026-11-28T17:08:59.765980Z")
-    assert naive == aware == zulu and naive.tzinfo == timezone.utc
+    assert naive == aware == zulu and naive.tzinfo == UTC

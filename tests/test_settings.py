@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from miner.wire.errors import ConfigError
 from miner.daemon.settings import load_settings
+from miner.wire.errors import ConfigError
 
 BASE = """
 miner_id = "rig-01"
@@ -76,7 +76,10 @@ def test_missing_api_key_says_every_way_to_set_it(tmp_path: Path, monkeypatch: p
     [
         ('miner_id = "x"\n', ["no models configured", "[[models]]"]),
         ('minr_id = "x"\n[[models]]\nname = "m"\n', ["minr_id", "not a known setting"]),
-        ('[coordinator]\nurl = "ftp://x"\n[[models]]\nname = "m"\n', ["coordinator.url", "AITBC_MINER_COORDINATOR__URL"]),
+        (
+            '[coordinator]\nurl = "ftp://x"\n[[models]]\nname = "m"\n',
+            ["coordinator.url", "AITBC_MINER_COORDINATOR__URL"],
+        ),
         ('concurrency = 0\n[[models]]\nname = "m"\n', ["concurrency", "greater than or equal to 1"]),
         ('[[models]]\nname = "m"\n[[models]]\nname = "m"\n', ["appears twice"]),
         ('[metrics]\nlisten = "9477"\n[[models]]\nname = "m"\n', ["metrics.listen", "HOST:PORT"]),

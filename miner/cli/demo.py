@@ -66,15 +66,18 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     from coordinator.app import create_app
     from coordinator.client import Client
     from miner.daemon.agent import Agent
-    from miner.wire.receipts import verify_receipt
     from miner.daemon.settings import load_settings
+    from miner.wire.receipts import verify_receipt
 
     client_key, miner_key = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
     model, note = demo_model(args.runner, workdir)
     sock = _loopback_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = create_app(workdir / "coordinator.db", client_keys=[client_key], miner_keys=[miner_key], rate_limits=None)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1))
+    server_config = uvicorn.Config(
+        app, log_level="warning", log_config=None, lifespan="on", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(server_config)
     server_task = asyncio.create_task(server.serve(sockets=[sock]))
     # Keyword settings override the environment, so a host's AITBC_MINER_* cannot leak in.
     config = workdir / "miner.toml"

@@ -7,17 +7,17 @@ import argparse
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from miner import __version__
 from miner.wire.errors import ConfigError, MinerError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from miner.daemon.agent import run_from_cli
+    from miner.cli.run import run_command
 
-    return run_from_cli(args)
+    return run_command(args)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -62,7 +62,11 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
         return 1
     from miner.wire.receipts import key_id
 
-    pinned = "the given public key" if public_key else "its embedded key_id (integrity only: pass --public-key to check the signer)"
+    pinned = (
+        "the given public key"
+        if public_key
+        else "its embedded key_id (integrity only: pass --public-key to check the signer)"
+    )
     print(f"OK: receipt for job {receipt.get('job_id')} signed by {key_id(key)}, verified against {pinned}")
     return 0
 
@@ -98,14 +102,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aitbc-miner", description="GPU miner worker daemon for the AITBC marketplace")
+    parser = argparse.ArgumentParser(
+        prog="aitbc-miner", description="GPU miner worker daemon for the AITBC marketplace"
+    )
     parser.add_argument("--version", action="version", version=f"aitbc-miner {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the miner daemon")
     run.add_argument("--config", type=Path, default=None, help="miner.toml (default /etc/aitbc-miner/miner.toml)")
     run.add_argument("--max-jobs", type=int, default=None, metavar="N", help="exit after N jobs end")
-    run.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS", help="exit after SECONDS with no job")
+    run.add_argument(
+        "--exit-when-idle", type=float, default=None, metavar="SECONDS", help="exit after SECONDS with no job"
+    )
     run.set_defaults(func=_cmd_run)
 
     probe = sub.add_parser("probe", help="print what this miner would register (GPUs, models, runners)")

@@ -15,8 +15,8 @@ from typing import Any
 
 from miner import __version__
 from miner.daemon.capabilities import build_capabilities
-from miner.wire.errors import ConfigError, StateError
 from miner.host.nvml import probe_gpus
+from miner.wire.errors import ConfigError, StateError
 from runners.base import GpuInfo
 
 GIB_PER_MIB = 1 / 1024

@@ -9,7 +9,6 @@ import time
 import httpx
 
 
-
 def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -93,7 +92,9 @@ def status_command(args: argparse.Namespace) -> int:
         )
         return 2
     if metrics.status_code != 200:
-        print(f"error: {base}/metrics answered {metrics.status_code}; is this an aitbc-miner endpoint?", file=sys.stderr)
+        print(
+            f"error: {base}/metrics answered {metrics.status_code}; is this an aitbc-miner endpoint?", file=sys.stderr
+        )
         return 2
     try:
         lines = summarise(metrics.text, health.status_code, health.text)

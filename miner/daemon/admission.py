@@ -22,7 +22,8 @@ any other constraint unmet                      ``CONSTRAINTS_UNMET``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from miner.wire.errors import ErrorCode, JobError
 from miner.wire.protocol import ConstraintError, parse_constraints, unmet_constraint
@@ -89,18 +90,3 @@ def _check_unicode(request: TextRequest) -> None:
                 f"{field}: contains an unpaired surrogate at position {exc.start}; send valid Unicode",
             ) from exc
 
-
-def check(
-    payload: Any,
-    constraints: Any,
-    capabilities: dict[str, Any],
-    served_models: Collection[str],
-    region: str | None = None,
-    configured_models: Collection[str] = (),
-) -> JobError | None:
-    """``None`` when the job can be served, else the :class:`JobError` to fail it with."""
-    try:
-        admit(payload, constraints, capabilities, served_models, region, configured_models)
-    except JobError as exc:
-        return exc
-    return None

@@ -1,60 +1,61 @@
-"""The miner daemon: ``serve()`` = startup → loops in one TaskGroup → shutdown.
+"""The miner daemon's lifecycle: ``serve()`` = startup → one TaskGroup → shutdown.
 
-Startup: load (or create) the receipt key, probe the GPUs, start the runners, deliver
-what the outbox still holds (before registering: registering tells the coordinator that
-this miner's unfinished jobs are lost), register, then ``READY=1``.
+Start-up, cheapest and most likely to be wrong first, so a mistake shows in a second,
+not after a 13 GB model load: lock the state folder (one miner per folder), the receipt
+key, the outbox, bind the metrics/health port, build the coordinator client (the CA
+file), then start the runners (model loads), then ``READY=1``. Registration is not part
+of start-up: it runs inside the TaskGroup and retries forever, so a coordinator that is
+down for a while never gets the service killed and its models reloaded.
 
-Loops, all owned by one :class:`asyncio.TaskGroup`: one claim loop per slot, the
-heartbeat (on a timer and right after every job ends), the outbox flusher, the systemd
-watchdog and, with ``--exit-when-idle``, the idle watch.
+The TaskGroup holds the session (register, then heartbeat), the outbox flusher, the
+claim slots of the :class:`~miner.daemon.pipeline.JobPipeline`, the systemd watchdog
+and, with ``--exit-when-idle``, the idle watch.
 
-Shutdown (first SIGTERM/SIGINT, ``--max-jobs`` reached, or idle): stop claiming, keep
-heartbeating, ``STOPPING=1``, let in-flight jobs finish within ``drain_grace_s``, then
-cancel the rest and fail them ``SHUTDOWN`` through the outbox, deliver what is left
-(bounded), close runners and the HTTP client. A second signal forces the exit.
+Shutdown (first SIGTERM/SIGINT, ``--max-jobs`` reached, or idle): stop claiming, let the
+polls already sent answer, keep heartbeating, ``STOPPING=1``, let in-flight jobs finish
+within ``drain_grace_s``, then cancel the rest and fail them ``SHUTDOWN`` through the
+outbox, deliver what is left (bounded), close runners, the outbox and the HTTP client. A
+second signal forces the exit.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import sys
+import os
 import time
-import traceback
 from collections import Counter
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import httpx
 import structlog
 
 from miner import __version__
-from miner.daemon.claiming import Claimer, SlotPacing
-from miner.daemon.client import AssignedJob, CoordinatorClient
-from miner.outbox.delivery import Deliverer
-from miner.wire.errors import (
-    ConfigError,
-    ErrorCode,
-)
-from miner.daemon.jobs import JobExecutor, JobRun, Outcome, fail_body
-from miner.ops.logs import job_context, register_secret
-from miner.ops.health import HealthState
-from miner.ops.metrics import MinerMetrics
-from miner.ops.server import MetricsServer
-from miner.ops.notify import Notifier
-from miner.outbox.store import Outbox, OutboxEntry
+from miner.daemon.capabilities import build_capabilities
+from miner.daemon.claiming import Claimer
+from miner.daemon.client import CoordinatorClient
+from miner.daemon.delivery import Deliverer
+from miner.daemon.jobs import JobExecutor
 from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
-from miner.wire.receipts import key_id
+from miner.daemon.pipeline import JobPipeline
 from miner.daemon.runtime import Runtime, start_runtime
-from miner.daemon.session import Session
+from miner.daemon.session import Session, SessionHooks
 from miner.daemon.settings import MinerSettings
 from miner.daemon.signals import capture_signals
+from miner.daemon.statelock import StateLock
+from miner.ops.health import HealthState
+from miner.ops.logs import register_secret
+from miner.ops.metrics import MinerMetrics
+from miner.ops.notify import Notifier
+from miner.ops.server import MetricsServer
+from miner.outbox.store import Outbox
+from miner.wire.errors import ConfigError
+from miner.wire.receipts import key_id
 from runners.base import GpuInfo
 
 log = structlog.get_logger("miner.daemon.agent")
 
-# After drain_grace_s, cancelled jobs get this long to stop before their tasks are abandoned.
-CANCEL_GRACE_S = 5.0
 FLUSH_ON_EXIT_S = 10.0
 
 
@@ -64,10 +65,10 @@ class Agent:
     Everything that touches the outside world can be passed in: ``transport`` or
     ``http_client`` (httpx), ``nvml`` (the pynvml module or a fake), ``gpus`` (skip the
     probe), ``runner_classes`` (runner name → class, instead of the registry), ``notifier``,
-    ``metrics``, ``clock`` (wall seconds). ``max_jobs`` / ``exit_when_idle`` make it exit
-    by itself. :meth:`serve` returns the exit code: 0 clean, 1 forced or after a device
-    error (the job is failed ``DEVICE_ERROR``, the rest drain); it raises
-    :class:`ConfigError` (exit 2) or another :class:`MinerError` (exit 1) from start-up.
+    ``metrics``, ``clock`` (wall seconds), ``fsync`` (the outbox's). ``max_jobs`` /
+    ``exit_when_idle`` make it exit by itself. :meth:`serve` returns the exit code: 0
+    clean, 1 forced or after a device error; it raises :class:`ConfigError` (exit 2) or
+    another :class:`MinerError` (exit 1) from start-up.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Agent:
         exit_when_idle: float | None = None,
         handle_signals: bool = True,
         disk_probe_s: float = 5.0,
+        fsync: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self._transport = transport
@@ -107,47 +109,64 @@ class Agent:
         self.force_exit = False
         self.fatal = False  # a device error: exit non-zero so systemd restarts the process
         self.exit_reason = ""
-        self.stopping = False  # no more claims
-        self.inflight: dict[str, JobRun] = {}
-        self.jobs_reserved = 0  # polls in progress that may return a job (for --max-jobs)
-        self.jobs_claimed = 0
-        self.jobs_ended = 0
-        self.outcomes: Counter[str] = Counter()
         self.key_id: str | None = None
+        self.lock = StateLock(settings.state_dir)
+        self.outbox = Outbox(settings.state_dir, fsync=fsync or os.fsync)
         self.runtime: Runtime | None = None
         self.client: CoordinatorClient | None = None
-        self.outbox = Outbox(settings.state_dir)
         self.deliverer: Deliverer | None = None
-        self.executor: JobExecutor | None = None
+        self.session: Session | None = None
+        self.pipeline: JobPipeline | None = None
         self.metrics_server: MetricsServer | None = None
-        self.session = Session(self)
-        self._claim_state = asyncio.Event()  # pulsed when claiming may have become possible
-        self._poll_tasks: set[asyncio.Task[Any]] = set()
-        self._last_activity = time.monotonic()
         self._main_task: asyncio.Task[Any] | None = None
 
-    # -- public control -----------------------------------------------------------------
+    # -- what tests and tools read ------------------------------------------------------
 
-    def request_exit(self, reason: str) -> None:
-        """Ask for a graceful exit (idempotent)."""
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """The capabilities registered (or to register): ``models`` are the models ready now."""
+        return self.session.capabilities if self.session is not None else {}
+
+    @property
+    def inflight(self) -> dict[str, Any]:
+        return self.pipeline.inflight if self.pipeline is not None else {}
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        return self.pipeline.outcomes if self.pipeline is not None else Counter()
+
+    @property
+    def jobs_ended(self) -> int:
+        return self.pipeline.jobs_ended if self.pipeline is not None else 0
+
+    @property
+    def slots(self) -> int:
+        return self.settings.effective_concurrency(len(self.runtime.gpus) if self.runtime else 0)
+
+    # -- control --------------------------------------------------------------------------
+
+    def request_exit(self, reason: str, fatal: bool = False) -> None:
+        """Ask for a graceful exit (idempotent); ``fatal`` makes the exit status 1."""
+        self.fatal = self.fatal or fatal
         if not self.should_exit.is_set():
-            log.info("shutting down", reason=reason)
+            log.info("shutting_down", reason=reason)
             self.exit_reason = reason
             self.should_exit.set()
+            if self.pipeline is not None:
+                self.pipeline.pulse()
 
     def handle_signal(self, signum: int) -> None:
         if self.should_exit.is_set():
-            log.warning("second signal: forcing exit", signal=signum)
+            log.warning("second_signal_forcing_exit", signal=signum)
             self.force_exit = True
             if self._main_task is not None:
                 self._main_task.cancel()
             return
         self.request_exit(f"signal {signum}")
 
-    # -- serve --------------------------------------------------------------------------
-
     async def serve(self) -> int:
-        self._main_task = asyncio.current_task()
+        self._main_task = main = asyncio.current_task()
+        assert main is not None
         signals = capture_signals(self.handle_signal) if self._handle_signals else contextlib.nullcontext()
         with signals:
             try:
@@ -158,21 +177,25 @@ class Agent:
             except asyncio.CancelledError:
                 if not self.force_exit:
                     raise
-                self._main_task.uncancel()
+                main.uncancel()
                 return 1
             finally:
                 await self._close()
 
+    # -- start-up -------------------------------------------------------------------------
+
     async def startup(self) -> None:
+        """The ordered start-up of the module docstring; each step fails with one line."""
         s = self.settings
+        self.lock.acquire()
         api_key = s.api_key()
-        register_secret(api_key)
+        for secret in [api_key, *s.secret_values()]:
+            register_secret(secret)
         key = await asyncio.to_thread(load_or_create_key, s.state_dir / KEY_FILE_NAME)
         self.key_id = key_id(key.verify_key)
-        self.runtime = await start_runtime(
-            s, nvml=self._nvml, gpus=self._gpus_override, runner_classes=self._runner_classes, metrics=self.metrics
-        )
-        await asyncio.to_thread(self.outbox.open)
+        await self.outbox.open()
+        if s.metrics.enabled:
+            await self._bind_metrics()
         self.client = CoordinatorClient(
             s.coordinator.url,
             api_key=api_key,
@@ -185,305 +208,236 @@ class Agent:
                 endpoint=endpoint, seconds=seconds, error=error
             ),
         )
-        self.deliverer = Deliverer(
-            self.outbox,
-            self.client,
-            on_disk_change=self._disk_changed,
-            on_depth=self.metrics.set_outbox_depth,
-            on_not_registered=self.session.lost,
-            disk_probe_s=self._disk_probe_s,
+        warning = s.insecure_transport_warning()
+        if warning:
+            log.warning("insecure_coordinator_transport", detail=warning)
+        self.runtime = await start_runtime(
+            s, nvml=self._nvml, gpus=self._gpus_override, runner_classes=self._runner_classes, metrics=self.metrics
         )
-        self.session.refresh_capabilities()
-        self.executor = JobExecutor(
-            miner_id=s.miner_id,
-            signing_key=key,
-            runners_by_model=self.runtime.runners_by_model,
-            capabilities=lambda: self.session.capabilities,
-            region=s.region,
-            clock=self._clock,
-        )
-        if s.metrics.enabled:
-            self.metrics_server = MetricsServer(s.metrics.listen, self.metrics, self.health)
-            await self.metrics_server.start()
+        self._assemble(key)
+        assert self.session is not None
+        models = self.session.capabilities["models"]
         log.info(
-            "miner starting",
+            "miner_starting",
             miner_id=s.miner_id,
             version=__version__,
             coordinator=s.coordinator.url,
             key_id=self.key_id,
             gpus=len(self.runtime.gpus),
-            models=self.session.capabilities["models"],
+            models=models,
             concurrency=self.slots,
         )
-        await self.session.register()
-        if self.session.registered:
-            models = ", ".join(self.session.capabilities["models"]) or "no model ready yet"
-            self.notifier.ready(status=f"registered; serving {models}")
+        self.notifier.ready(status=f"serving {', '.join(models) or 'no model ready yet'}; registering")
 
-    @property
-    def capabilities(self) -> dict[str, Any]:
-        """The capabilities registered (or to register): ``models`` are the models ready now."""
-        return self.session.capabilities
+    async def _bind_metrics(self) -> None:
+        listen = self.settings.metrics.listen
+        self.metrics_server = MetricsServer(listen, self.metrics, self.health)
+        try:
+            await self.metrics_server.start()
+        except OSError as exc:
+            self.metrics_server = None
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}; "
+                "free that port or set another metrics.listen (metrics.enabled = false turns the endpoint off)"
+            ) from exc
 
-    @property
-    def slots(self) -> int:
-        return self.settings.effective_concurrency(len(self.runtime.gpus) if self.runtime else 0)
+    def _assemble(self, key: Any) -> None:
+        """Build the deliverer, the executor, the session and the pipeline, and wire their callbacks."""
+        s, runtime, client = self.settings, self.runtime, self.client
+        assert runtime is not None and client is not None
+        self.deliverer = Deliverer(
+            self.outbox,
+            client,
+            on_disk_change=self._disk_changed,
+            on_depth=self.metrics.set_outbox_depth,
+            on_not_registered=lambda: self.session.lost() if self.session is not None else None,
+            disk_probe_s=self._disk_probe_s,
+        )
+        executor = JobExecutor(
+            miner_id=s.miner_id,
+            signing_key=key,
+            runners_by_model=runtime.runners_by_model,
+            capabilities=lambda: self.capabilities,
+            region=s.region,
+            clock=self._clock,
+            max_result_bytes=s.coordinator.max_result_bytes,
+        )
+        c = s.coordinator
+        claimer = Claimer(
+            client,
+            long_poll_s=c.long_poll_s,
+            poll_interval_s=c.poll_interval_s,
+            idle_backoff_max_s=c.idle_backoff_max_s,
+            max_polls_per_minute=c.max_polls_per_minute,
+            slots=self.slots,
+            on_not_registered=lambda: self.session.lost() if self.session is not None else None,
+        )
+        self.pipeline = pipeline = JobPipeline(
+            claimer=claimer,
+            executor=executor,
+            outbox=self.outbox,
+            deliverer=self.deliverer,
+            metrics=self.metrics,
+            slots=self.slots,
+            may_claim=self._may_claim,
+            on_job_end=self._job_ended,
+            on_exit=self.request_exit,
+            configured_models=runtime.runners_by_model.keys(),
+            max_jobs=self.max_jobs,
+            poll_bound_s=c.long_poll_s + c.timeout_s,
+        )
+        hooks = SessionHooks(
+            capabilities=self._capabilities_now,
+            held_jobs=pipeline.held_jobs,
+            inflight=lambda: len(pipeline.inflight),
+            metadata=self._heartbeat_metadata,
+            before_heartbeat=self._probe_state_dir,
+            on_registered=self._registered,
+            on_unregistered=self._unregistered,
+            on_cancelled=pipeline.cancel,
+        )
+        self.session = Session(
+            client,
+            self.deliverer,
+            hooks,
+            concurrency=self.slots,
+            region=s.region,
+            heartbeat_interval_s=c.heartbeat_interval_s,
+            health=self.health,
+            metrics=self.metrics,
+            should_stop=self.should_exit,
+        )
+
+    def _capabilities_now(self) -> dict[str, Any]:
+        runtime = self.runtime
+        assert runtime is not None
+        ready = runtime.ready_models()
+        self.metrics.set_loaded_models(ready)
+        return build_capabilities(
+            gpus=runtime.gpus,
+            models=ready,
+            price=self.settings.price,
+            region=self.settings.region,
+            key_id=self.key_id,
+            runners=runtime.models_by_runner(ready),
+        )
+
+    # -- the loops ------------------------------------------------------------------------
 
     async def _run_loops(self) -> None:
-        assert self.deliverer is not None and self.client is not None
-        claimer = Claimer(
-            self.client,
-            long_poll_s=self.settings.coordinator.long_poll_s,
-            poll_interval_s=self.settings.coordinator.poll_interval_s,
-            idle_backoff_max_s=self.settings.coordinator.idle_backoff_max_s,
-            max_polls_per_minute=self.settings.coordinator.max_polls_per_minute,
-            slots=self.slots,
-            on_not_registered=self.session.lost,
-        )
-        self._last_activity = time.monotonic()  # start-up time is not idle time
+        assert self.deliverer is not None and self.session is not None and self.pipeline is not None
+        pipeline = self.pipeline
+        pipeline.last_activity = time.monotonic()  # start-up time is not idle time
         async with asyncio.TaskGroup() as tg:
             background = [
-                tg.create_task(self.session.run(), name="heartbeat"),
+                tg.create_task(self.session.run(), name="session"),
                 tg.create_task(self.deliverer.run(), name="outbox-flusher"),
                 tg.create_task(self._watchdog_loop(), name="watchdog"),
                 tg.create_task(self._idle_loop(), name="idle-watch"),
             ]
-            slots = [
-                tg.create_task(self._slot_loop(claimer, SlotPacing(i)), name=f"slot-{i}") for i in range(self.slots)
-            ]
+            slots = [tg.create_task(pipeline.run_slot(i), name=f"slot-{i}") for i in range(self.slots)]
             self.deliverer.wake.set()
             await self.should_exit.wait()
             await self._drain(slots)
             for task in background:
                 task.cancel()
 
-    # -- claiming and running jobs -----------------------------------------------------
-
     def _may_claim(self) -> bool:
-        if (
-            self.stopping
-            or self.should_exit.is_set()
-            or not self.session.registered
-            or not self.outbox.healthy
-            or not self.session.capabilities.get("models")
-        ):
-            return False
-        return self.max_jobs is None or self.jobs_claimed + self.jobs_reserved < self.max_jobs
-
-    def pulse_claims(self) -> None:
-        self._claim_state.set()
-        self._claim_state.clear()
-
-    async def _slot_loop(self, claimer: Claimer, pacing: SlotPacing) -> None:
-        while not self.stopping:
-            if self.max_jobs is not None and self.jobs_claimed >= self.max_jobs:
-                return
-            if not self._may_claim():
-                await self._claim_state.wait()
-                continue
-            self.jobs_reserved += 1
-            poll = asyncio.create_task(claimer.claim(pacing), name=f"poll-{pacing.index}")
-            self._poll_tasks.add(poll)
-            try:
-                await asyncio.wait([poll])
-            finally:
-                self._poll_tasks.discard(poll)
-                self.jobs_reserved -= 1
-                if not poll.done():
-                    poll.cancel()
-            if poll.cancelled():
-                if self.stopping:
-                    return
-                continue  # claiming paused (state folder trouble): wait until it may resume
-            self.pulse_claims()
-            try:
-                assigned = poll.result()
-                if assigned is not None:
-                    self.jobs_claimed += 1
-                    await self._handle(assigned)
-            except Exception as exc:  # a bug here must not take the other loops down
-                log.error(
-                    "unexpected error in a claim slot; carrying on",
-                    error_type=type(exc).__name__,
-                    traceback="".join(traceback.format_tb(exc.__traceback__, limit=-3)),
-                )
-                await asyncio.sleep(1.0)
-
-    async def _handle(self, assigned: AssignedJob) -> None:
-        run = JobRun(assigned)
-        with job_context(assigned.job_id, run.model):
-            self._last_activity = time.monotonic()
-            known = await asyncio.to_thread(self.outbox.state, assigned.job_id)
-            if known is not None:
-                self.jobs_claimed -= 1  # not a new job: it does not count against --max-jobs
-                await self._offered_again(assigned.job_id, known)
-                return
-            self.inflight[assigned.job_id] = run
-            self.metrics.set_inflight(len(self.inflight))
-            self.metrics.job_started(model=self._metric_model(run))
-            log.info("job claimed", slots_busy=len(self.inflight))
-            try:
-                if self.stopping:
-                    outcome = shutdown_outcome()
-                else:
-                    assert self.executor is not None
-                    outcome = await self.executor.execute(run)
-            finally:
-                self.inflight.pop(assigned.job_id, None)
-                self.metrics.set_inflight(len(self.inflight))
-            await self._finish(run, outcome)
-        if self.max_jobs is not None and self.jobs_ended >= self.max_jobs:
-            self.request_exit(f"--max-jobs {self.max_jobs} reached")
-
-    def _metric_model(self, run: JobRun) -> str:
-        """The model label for metrics: a configured model, else "other" (labels stay bounded)."""
-        configured = self.runtime.runners_by_model if self.runtime is not None else {}
-        return run.model if run.model in configured else "other"
-
-    async def _offered_again(self, job_id: str, known: str) -> None:
-        """A job this miner already handled is offered again: never run it twice.
-
-        The outcome this miner still has (pending, or once rejected) is submitted again; a
-        job whose outcome was already acknowledged is failed at once, so it does not sit
-        RUNNING until its TTL.
-        """
-        assert self.deliverer is not None
-        entry = None
-        if known == "pending":
-            entry = self.outbox.get(job_id)
-        elif known == "rejected":
-            entry = await asyncio.to_thread(self.outbox.revive, job_id)
-        if entry is None:
-            message = "this miner already delivered an outcome for this job; it is not run twice"
-            entry = OutboxEntry(job_id, "fail", fail_body(ErrorCode.INTERNAL_ERROR, message))
-            await self.deliverer.store(entry)
-        log.warning("job offered again; sending the outcome this miner has instead of running it", known=known)
-        await self.deliverer.deliver_now(entry)
-        self.session.now.set()
-
-    async def _finish(self, run: JobRun, outcome: Outcome) -> None:
-        assert self.deliverer is not None
-        run.finished = True
-        self.outcomes[outcome.outcome_label] += 1
-        log.info(
-            "job finished",
-            outcome=outcome.outcome_label,
-            code=outcome.code,
-            message=outcome.message or None,
-            duration_ms=round(outcome.duration_s * 1000, 1),
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            tokens_per_s=outcome.tokens_per_s,
+        session = self.session
+        return (
+            not self.should_exit.is_set()
+            and session is not None
+            and session.registered
+            and self.outbox.healthy
+            and bool(session.capabilities.get("models"))
         )
-        self.metrics.job_finished(
-            model=self._metric_model(run),
-            outcome=outcome.outcome_label,
-            error_code=outcome.code,
-            duration_s=outcome.duration_s,
-            completion_tokens=outcome.completion_tokens,
-        )
-        if outcome.kind == "dropped":
-            log.info("job cancelled by the coordinator; nothing is submitted for it")
-        elif outcome.body is not None:
-            entry = OutboxEntry(run.job_id, outcome.kind, outcome.body)
-            await self.deliverer.store(entry)
-            await self.deliverer.deliver_now(entry)
-        self.jobs_ended += 1
-        self._last_activity = time.monotonic()
-        if outcome.fatal:
-            self.fatal = True
-            self.request_exit(f"device error: {outcome.message}")
-        self.session.now.set()
+
+    def _registered(self) -> None:
+        assert self.pipeline is not None
+        self.pipeline.pulse()
         self._status()
 
-    # -- watchdog, idle, disk -------------------------------------------------------------
+    def _unregistered(self, reason: str) -> None:
+        self.notifier.status(f"not registered yet: {reason}")
+
+    def _job_ended(self) -> None:
+        if self.session is not None:
+            self.session.now.set()
+        self._status()
+
+    async def _heartbeat_metadata(self) -> dict[str, Any]:
+        assert self.runtime is not None
+        gpu_stats = await self.runtime.gpu_stats()
+        if self.runtime.gpus:
+            self.metrics.set_gpu_stats(self.runtime.gpus)
+        return {
+            "draining": bool(self.pipeline and self.pipeline.stopping),
+            "outbox_pending": len(self.outbox),
+            "gpus": gpu_stats,
+        }
 
     async def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
-        stale_after = 3 * self.settings.coordinator.heartbeat_interval_s + self.settings.coordinator.timeout_s
+        c = self.settings.coordinator
+        stale_after = 3 * c.heartbeat_interval_s + c.timeout_s
         while True:
-            # Re-registering retries for as long as the coordinator is away; that is not a hang.
-            if self.session.registering or time.monotonic() - self.session.tick < stale_after:
+            session = self.session
+            # Registering retries for as long as the coordinator is away; that is not a hang.
+            if session is not None and (session.registering or time.monotonic() - session.tick < stale_after):
                 self.notifier.watchdog()
             else:
-                log.error("heartbeat loop stalled; withholding the systemd watchdog ping")
+                log.error("heartbeat_loop_stalled")
             await asyncio.sleep(interval)
 
     async def _idle_loop(self) -> None:
-        if self.exit_when_idle is None:
+        if self.exit_when_idle is None or self.pipeline is None:
             return
         while True:
-            idle = time.monotonic() - self._last_activity
-            if not self.inflight and not len(self.outbox) and idle >= self.exit_when_idle:
+            idle = time.monotonic() - self.pipeline.last_activity
+            if not self.pipeline.inflight and not len(self.outbox) and idle >= self.exit_when_idle:
                 self.request_exit(f"idle for {self.exit_when_idle:g}s")
                 return
             await asyncio.sleep(max(0.05, self.exit_when_idle - idle))
 
-    async def probe_state_dir(self) -> None:
+    async def _probe_state_dir(self) -> None:
         """Check that the state folder can take an outcome (every heartbeat); stop claiming if not."""
         was = self.outbox.healthy
-        healthy = await asyncio.to_thread(self.outbox.recover)
+        healthy = await self.outbox.recover()
         if healthy != was:
             self._disk_changed(healthy, self.outbox.reason)
 
     def _disk_changed(self, healthy: bool, reason: str) -> None:
+        # Polls already sent are not cancelled: a job they bring is handed back (SHUTDOWN).
         self.health.disk_ok = healthy
         self.health.disk_reason = reason
-        if healthy:
-            self.pulse_claims()
-        else:
-            for poll in list(self._poll_tasks):  # a job claimed now could not be made durable
-                poll.cancel()
+        if healthy and self.pipeline is not None:
+            self.pipeline.pulse()
         self._status()
 
     def _status(self) -> None:
-        done = ", ".join(f"{n} {label}" for label, n in sorted(self.outcomes.items())) or "no jobs yet"
+        summary = self.pipeline.summary() if self.pipeline is not None else "starting"
         disk = "" if self.outbox.healthy else f"; NOT CLAIMING: {self.outbox.reason}"
-        self.notifier.status(f"{len(self.inflight)} in flight; {done}; outbox {len(self.outbox)}{disk}")
+        registered = "" if self.session is None or self.session.registered else "; not registered yet"
+        self.notifier.status(f"{summary}; outbox {len(self.outbox)}{disk}{registered}")
 
     # -- shutdown -----------------------------------------------------------------------
 
     async def _drain(self, slots: list[asyncio.Task[Any]]) -> None:
-        self.stopping = True
+        assert self.pipeline is not None and self.session is not None and self.deliverer is not None
         self.health.draining = True
-        self.notifier.stopping(status=f"draining {len(self.inflight)} job(s)")
-        for poll in list(self._poll_tasks):
-            poll.cancel()
-        self.pulse_claims()
-        grace = self.settings.drain_grace_s
-        if self.inflight:
-            log.info("waiting for in-flight jobs", jobs=len(self.inflight), grace_s=grace)
-        _, pending = await asyncio.wait(slots, timeout=grace) if slots else (set(), set())
-        if pending:
-            await self._cancel_leftovers(pending)
-        if self.deliverer is not None and len(self.outbox):
+        self.notifier.stopping(status=f"draining {len(self.pipeline.inflight)} job(s)")
+        await self.pipeline.drain(slots, self.settings.drain_grace_s)
+        if len(self.outbox):
             await self.deliverer.flush_until_empty(deadline=time.monotonic() + FLUSH_ON_EXIT_S)
         if len(self.outbox):
-            log.warning(
-                "exiting with undelivered outcomes; they are delivered at the next start", pending=len(self.outbox)
-            )
+            log.warning("exiting_with_undelivered_outcomes", pending=len(self.outbox))
         if self.session.registered:
             # A last heartbeat with the true (zero) in-flight count, so the coordinator's count is right.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.coordinator.timeout_s):
                     await self.session.final()
-
-    async def _cancel_leftovers(self, slots: set[asyncio.Task[Any]]) -> None:
-        """Stop the jobs still running after the grace period; each is failed SHUTDOWN."""
-        leftover = list(self.inflight.values())
-        log.warning("drain grace over; cancelling in-flight jobs", jobs=len(leftover))
-        for run in leftover:
-            run.cancel(shutdown=True)
-        _, stuck = await asyncio.wait(slots, timeout=CANCEL_GRACE_S)
-        for task in stuck:  # the runner ignored the cancel flag: abandon its task
-            task.cancel()
-        if stuck:
-            await asyncio.wait(stuck)
-        for run in leftover:
-            if not run.finished:
-                await self._finish(run, shutdown_outcome())
 
     async def _close(self) -> None:
         if self.runtime is not None:
@@ -494,28 +448,7 @@ class Agent:
             await self._http_client.aclose()
         if self.metrics_server is not None:
             await self.metrics_server.aclose()
+        await self.outbox.aclose()
         if self.key_id is not None and self.runtime is not None:
-            log.info("miner stopped", reason=self.exit_reason or None, jobs=dict(self.outcomes))
-
-
-def shutdown_outcome() -> Outcome:
-    """The outcome of a job this miner gives back because it is shutting down."""
-    message = "the miner is shutting down; the job can be reassigned"
-    return Outcome("fail", fail_body(ErrorCode.SHUTDOWN, message), ErrorCode.SHUTDOWN, message)
-
-
-def run_from_cli(args: argparse.Namespace) -> int:
-    """``aitbc-miner run``: load settings, configure logs, serve until told to stop."""
-    from miner.ops.logs import configure_logging
-    from miner.daemon.settings import load_settings
-
-    settings = load_settings(args.config)
-    configure_logging(settings.log.level, settings.log.format)
-    if args.max_jobs is not None and args.max_jobs < 1:
-        raise ConfigError("--max-jobs must be at least 1")
-    agent = Agent(settings, max_jobs=args.max_jobs, exit_when_idle=args.exit_when_idle)
-    try:
-        return asyncio.run(agent.serve())
-    except KeyboardInterrupt:  # a signal before the handlers were installed
-        print("interrupted", file=sys.stderr)
-        return 130
+            log.info("miner_stopped", reason=self.exit_reason or None, jobs=dict(self.outcomes))
+        self.lock.release()

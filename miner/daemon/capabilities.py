@@ -8,7 +8,8 @@ left out rather than sent as ``null``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from miner import __version__
 from runners.base import GpuInfo

@@ -6,20 +6,23 @@
   interval with jitter, doubling while the queue stays empty, up to the idle ceiling.
 * A token bucket shared by every slot keeps the total under ``max_polls_per_minute``.
 * 429 waits ``Retry-After``; errors back off exponentially with jitter.
+
+:meth:`Claimer.wait_turn` (the pacing) may be cancelled at any time; :meth:`Claimer.poll`
+is never cancelled on purpose, because an answered poll may carry an assignment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import structlog
 
 from miner.daemon.client import AssignedJob, CoordinatorClient
-from miner.wire.errors import AuthenticationFailed, CoordinatorError, NotRegistered, RateLimited
 from miner.daemon.pacing import Backoff, TokenBucket
+from miner.wire.errors import AuthenticationFailed, CoordinatorError, NotRegistered, RateLimited
 
 log = structlog.get_logger("miner.daemon.claiming")
 
@@ -80,27 +83,35 @@ class Claimer:
         """How long ``slot`` waits after a failed poll (429: Retry-After; errors: backoff)."""
         if isinstance(exc, RateLimited):
             wait = exc.retry_after * (1.0 + 0.1 * self._rng())  # spread the slots out
-            log.warning("poll rate limited by the coordinator", slot=slot.index, retry_in_s=round(wait, 1))
+            log.warning("poll_rate_limited", slot=slot.index, retry_in_s=round(wait, 1))
             return wait
         if isinstance(exc, NotRegistered):
             if self._on_not_registered is not None:
                 self._on_not_registered()
             return self.poll_interval_s
         if isinstance(exc, AuthenticationFailed):
-            log.error("the coordinator refuses the miner's credentials", error=str(exc), retry_in_s=AUTH_RETRY_S)
+            log.error("credentials_refused", error=str(exc), retry_in_s=AUTH_RETRY_S)
             return AUTH_RETRY_S
         if slot.errors is None:
             slot.errors = Backoff(self.poll_interval_s, max(ERROR_BACKOFF_MAX_S, self.poll_interval_s), rng=self._rng)
         wait = slot.errors.next_delay()
-        log.warning("poll failed", slot=slot.index, error=str(exc), retry_in_s=round(wait, 2))
+        log.warning("poll_failed", slot=slot.index, error=str(exc), retry_in_s=round(wait, 2))
         return wait
 
     async def claim(self, slot: SlotPacing) -> AssignedJob | None:
         """Wait as paced, poll once, and return the job or ``None``. Never raises a coordinator error."""
+        await self.wait_turn(slot)
+        return await self.poll(slot)
+
+    async def wait_turn(self, slot: SlotPacing) -> None:
+        """Sleep as paced and take a token. Safe to cancel: nothing has been asked yet."""
         if slot.wait_s > 0:
             await asyncio.sleep(slot.wait_s)
             slot.wait_s = 0.0
         await self.bucket.acquire()
+
+    async def poll(self, slot: SlotPacing) -> AssignedJob | None:
+        """One poll. Once sent, let it finish: the coordinator may already have assigned a job."""
         started = self._clock()
         self.polls += 1
         try:

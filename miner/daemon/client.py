@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -86,7 +87,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None, default: f
         except (TypeError, ValueError, IndexError):
             return default
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds):
         return default
@@ -110,7 +111,7 @@ def parse_assigned_job(data: Any) -> AssignedJob:
         try:
             expires_at = parse_timestamp(raw_expiry)
         except ValueError:
-            log.warning("poll answer has an unreadable expires_at; using the default job time cap", job_id=job_id)
+            log.warning("poll_expires_at_unreadable", job_id=job_id)
     ttl = data.get("ttl_seconds")
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl <= 0:
         ttl = None
@@ -223,7 +224,7 @@ class CoordinatorClient:
         elif isinstance(cancelled, list):
             answer["cancelled_jobs"] = [j for j in cancelled if isinstance(j, str)]
         else:
-            log.warning("heartbeat answer has a cancelled_jobs that is not a list; ignoring it")
+            log.warning("heartbeat_cancelled_jobs_invalid")
             answer["cancelled_jobs"] = []
         return answer
 

@@ -1,9 +1,14 @@
-"""One job, from an assignment to its signed outcome: admission, run, receipt, body.
+"""One job, from an assignment to its signed outcome: admission, run, check, receipt, body.
 
 :class:`JobExecutor` never raises for a job's own problems: every path ends in an
 :class:`Outcome` that is a ``result`` body (with the signed receipt), a ``fail`` body
 (``error_code`` + a message safe to send), or ``dropped`` (the coordinator cancelled the
 job, so nothing is submitted). Only task cancellation (a forced exit) propagates.
+
+A runner's answer is checked against the :class:`~runners.base.RunResult` contract and the
+result body is encoded once (:mod:`miner.daemon.encode`) before anything is signed or
+stored: an answer that breaks the contract fails that job ``RESULT_INVALID``, a body over
+``coordinator.max_result_bytes`` fails it ``RESULT_TOO_LARGE``.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import structlog
 from nacl.signing import SigningKey
 
 from miner.daemon import admission
 from miner.daemon.client import AssignedJob
+from miner.daemon.encode import DEFAULT_MAX_RESULT_BYTES, check_run_result, encode_body
 from miner.wire.errors import DeviceError, ErrorCode, JobError
 from miner.wire.receipts import build_miner_receipt, prompt_sha256, sign_receipt
 from runners.base import Job, Runner, RunResult
@@ -80,9 +87,23 @@ class Outcome:
         return {"result": "completed", "fail": "failed", "dropped": "cancelled"}[self.kind]
 
 
+SHUTDOWN_MESSAGE = "the miner is shutting down; the job can be reassigned"
+
+
 def fail_body(code: str, message: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``/fail`` body; both strings are required by the coordinator."""
-    return {"error_code": code, "error_message": message or code, "metrics": metrics or {}}
+    return {"error_code": str(code), "error_message": message or str(code), "metrics": metrics or {}}
+
+
+def failed_outcome(code: str, message: str, duration_s: float = 0.0) -> Outcome:
+    """A ``fail`` outcome: the one place a ``/fail`` body is built."""
+    metrics = {"duration_ms": round(duration_s * 1000, 3)} if duration_s else None
+    return Outcome("fail", fail_body(code, message, metrics), code, message, duration_s)
+
+
+def shutdown_outcome(message: str = SHUTDOWN_MESSAGE) -> Outcome:
+    """A job this miner gives back (``SHUTDOWN``): the coordinator queues it again at once."""
+    return failed_outcome(ErrorCode.SHUTDOWN, message)
 
 
 class JobExecutor:
@@ -103,6 +124,7 @@ class JobExecutor:
         region: str | None = None,
         clock: Callable[[], float] = time.time,
         default_cap_s: float = DEFAULT_JOB_CAP_S,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> None:
         self.miner_id = miner_id
         self._key = signing_key
@@ -111,6 +133,7 @@ class JobExecutor:
         self._region = region
         self._clock = clock
         self._cap_s = default_cap_s
+        self._max_result_bytes = max_result_bytes
 
     def seconds_left(self, assigned: AssignedJob) -> float:
         """Time the job may take: until ``expires_at``, else ``ttl_seconds``, else the default cap."""
@@ -148,7 +171,7 @@ class JobExecutor:
         except JobError as exc:
             return self._failed(run, exc.code, exc.message, started)
         except DeviceError as exc:
-            log.error("the device is unusable; the miner will exit so its supervisor restarts it", error=str(exc))
+            log.error("device_unusable_exiting", error=str(exc))
             outcome = self._failed(run, ErrorCode.DEVICE_ERROR, f"the miner's device failed: {exc}", started)
             outcome.fatal = True
             return outcome
@@ -157,14 +180,17 @@ class JobExecutor:
         except Exception as exc:  # a runner bug must fail the job, not the daemon
             # The exception's message may quote the prompt: log its type and where it was raised only.
             where = "".join(traceback.format_tb(exc.__traceback__, limit=-3))
-            log.error("runner raised an unexpected error", error_type=type(exc).__name__, traceback=where)
+            log.error("runner_unexpected_error", error_type=type(exc).__name__, traceback=where)
             return self._failed(run, ErrorCode.INTERNAL_ERROR, f"the runner raised {type(exc).__name__}", started)
         if run.cancelled_by_coordinator:
             return Outcome(
                 "dropped", None, ErrorCode.CANCELLED, "cancelled by the coordinator", time.monotonic() - started
             )
         # A job that finished although shutdown asked it to stop is delivered as a result.
-        return self._completed(runner, job, request, result, started, started_wall)
+        try:
+            return self._completed(runner, job, request, result, started, started_wall)
+        except JobError as exc:  # the answer could not become a result body
+            return self._failed(run, exc.code, exc.message, started)
 
     async def _run(self, runner: Runner, job: Job, left: float) -> RunResult:
         try:
@@ -174,18 +200,15 @@ class JobExecutor:
             if job.expired():
                 raise JobError(ErrorCode.DEADLINE_EXCEEDED, "the job passed its deadline (TTL) while running") from exc
             raise
-        if not isinstance(result, RunResult):
-            raise JobError(ErrorCode.INTERNAL_ERROR, f"the runner returned {type(result).__name__}, not a RunResult")
-        return result
+        return check_run_result(result)
 
     def _failed(self, run: JobRun, code: str, message: str, started: float) -> Outcome:
         duration = time.monotonic() - started
         if run.cancelled_by_coordinator:
             return Outcome("dropped", None, ErrorCode.CANCELLED, "cancelled by the coordinator", duration)
         if run.shutdown and code in (ErrorCode.CANCELLED, ErrorCode.DEADLINE_EXCEEDED):
-            code, message = ErrorCode.SHUTDOWN, "the miner is shutting down; the job can be reassigned"
-        metrics = {"duration_ms": round(duration * 1000, 3)}
-        return Outcome("fail", fail_body(code, message, metrics), code, message, duration)
+            code, message = ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE
+        return failed_outcome(code, message, duration)
 
     def _completed(
         self, runner: Runner, job: Job, request: TextRequest, result: RunResult, started: float, started_wall: float
@@ -246,6 +269,7 @@ class JobExecutor:
             },
             "metrics": {k: v for k, v in metrics.items() if v is not None},
         }
+        encode_body(body, limit=self._max_result_bytes)  # RESULT_INVALID / RESULT_TOO_LARGE
         return Outcome(
             "result",
             body,

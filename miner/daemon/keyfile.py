@@ -65,6 +65,7 @@ def load_key(path: Path) -> SigningKey:
         raise StateError(f"cannot read the receipt key at {path}: {exc.strerror or exc}") from exc
     if len(seed) != SEED_BYTES:
         raise ConfigError(
-            f"receipt key {path} is not a {SEED_BYTES}-byte Ed25519 seed ({len(seed)} bytes); remove it to make a new one"
+            f"receipt key {path} is not a {SEED_BYTES}-byte Ed25519 seed ({len(seed)} bytes); "
+            "remove it to make a new one"
         )
     return SigningKey(seed)

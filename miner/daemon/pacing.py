@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
+from miner.wire import ratelimit
 from miner.wire.errors import CoordinatorUnavailable, RateLimited
 
 log = structlog.get_logger("miner.daemon.pacing")
@@ -35,7 +37,7 @@ class Backoff:
         self.failures = 0
 
     def next_delay(self) -> float:
-        ceiling = min(self.max_s, self.base_s * (2 ** min(self.failures, 32)))
+        ceiling = min(self.max_s, self.base_s * (2.0 ** min(self.failures, 32)))
         self.failures += 1
         return ceiling / 2 + self._rng() * ceiling / 2
 
@@ -66,12 +68,9 @@ async def retry(
             left = attempts - attempt
             if left <= 0:
                 raise
-            if isinstance(exc, RateLimited):
-                delay = min(exc.retry_after, max_retry_after_s)
-            else:
-                delay = backoff.next_delay()
+            delay = min(exc.retry_after, max_retry_after_s) if isinstance(exc, RateLimited) else backoff.next_delay()
             log.warning(
-                "coordinator call failed; retrying",
+                "coordinator_call_failed",
                 call=what,
                 error=str(exc),
                 attempts_left=left,
@@ -85,7 +84,9 @@ class TokenBucket:
     """At most ``rate_per_minute`` acquisitions per minute on average, bursts up to ``capacity``.
 
     Shared by every claim loop so the total poll rate stays under the coordinator's limit
-    however many slots there are. ``clock`` is monotonic seconds (injectable for tests).
+    however many slots there are. The arithmetic is :class:`miner.wire.ratelimit.TokenBucket`;
+    this adds the waiting, first come first served. ``clock`` is monotonic seconds and
+    ``sleep`` the wait (both injectable for tests).
     """
 
     def __init__(
@@ -98,25 +99,12 @@ class TokenBucket:
     ) -> None:
         if rate_per_minute <= 0 or capacity < 1:
             raise ValueError("need rate_per_minute > 0 and capacity >= 1")
-        self.rate_per_s = rate_per_minute / 60.0
-        self.capacity = float(capacity)
-        self._tokens = float(capacity)
-        self._clock = clock
+        self._bucket = ratelimit.TokenBucket(capacity, rate_per_minute / 60.0, clock=clock)
         self._sleep = sleep
-        self._stamp = clock()
         self._lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate_per_s)
-        self._stamp = now
 
     async def acquire(self) -> None:
         """Wait until a token is available and take it (first come, first served)."""
         async with self._lock:
-            while True:
-                self._refill()
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                    return
-                await self._sleep((1.0 - self._tokens) / self.rate_per_s)
+            while (wait := self._bucket.take()) is not None:
+                await self._sleep(wait)

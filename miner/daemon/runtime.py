@@ -1,8 +1,9 @@
 """The miner's devices and runners: GPUs probed through NVML, one runner per runner name.
 
 :func:`start_runtime` probes the GPUs (unless a list is given), builds each runner named
-in ``[[models]]`` with the models that name it, and awaits ``start()`` on each (a runner
-that fails to start raises :class:`ConfigError`). Every configured model stays mapped to
+in ``[[models]]`` with the models that name it, logs a line for each model it is about to
+load, and awaits ``start()`` on each (a bad option raises ``ConfigError``; any other
+unexpected exception becomes ``StartupError``). Every configured model stays mapped to
 its runner; :meth:`Runtime.ready_models` says which of them may be advertised *now* (an
 engine that is down at start, or restarts later, changes that set over time).
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import structlog
 
-from miner.host.nvml import Nvml
-from miner.ops.metrics import MinerMetrics
 from miner.daemon.settings import MinerSettings
+from miner.host.nvml import Nvml
+from miner.ops.logs import safe_text
+from miner.ops.metrics import MinerMetrics
+from miner.wire.errors import MinerError, StartupError
 from runners import load_runner_class
 from runners.base import GpuInfo, ModelSpec, Runner, RunnerContext
 
@@ -45,7 +49,7 @@ class Runtime:
                 ready.update(runner.ready_models())
             except Exception as exc:  # a runner bug must not stop heartbeats
                 log.warning(
-                    "runner.ready_models() failed; treating its models as not ready", runner=name, error=str(exc)
+                    "runner_ready_models_failed", runner=name, error=str(exc)
                 )
         return sorted(m for m in ready if m in self.runners_by_model)
 
@@ -65,7 +69,7 @@ class Runtime:
         try:
             stats = await asyncio.to_thread(self.nvml.read_stats)
         except Exception as exc:  # a flaky NVML must not stop heartbeats
-            log.warning("cannot read GPU stats", error=str(exc))
+            log.warning("gpu_stats_unreadable", error=str(exc))
             return []
         self.gpus = stats or self.gpus
         return [{k: v for k, v in dataclasses.asdict(g).items() if v is not None and k in _STAT_FIELDS} for g in stats]
@@ -76,13 +80,23 @@ class Runtime:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await runner.aclose()
             except Exception as exc:
-                log.warning("runner did not close cleanly", runner=name, error=f"{type(exc).__name__}: {exc}")
+                log.warning("runner_close_failed", runner=name, error=f"{type(exc).__name__}: {exc}")
         self.runners.clear()
         if self.nvml is not None:
             await asyncio.to_thread(self.nvml.close)
 
 
 _STAT_FIELDS = {"index", "uuid", "memory_total_mb", "memory_free_mb", "utilization_pct", "temperature_c", "power_w"}
+
+
+async def _start(name: str, runner: Runner) -> None:
+    """``runner.start()``; a plugin's unexpected exception becomes one line (exit 1), never a traceback."""
+    try:
+        await runner.start()
+    except MinerError:
+        raise
+    except Exception as exc:
+        raise StartupError(f"runner {name!r} failed to start ({type(exc).__name__}); see its documentation") from exc
 
 
 def group_by_runner(models: Sequence[ModelSpec]) -> dict[str, list[ModelSpec]]:
@@ -118,7 +132,17 @@ async def start_runtime(
             runner = cls(specs, RunnerContext(gpus=context_gpus, state_dir=state_dir, free_vram_mb=free_vram))
             started = time.monotonic()
             runtime.runners[runner_name] = runner
-            await runner.start()
+            for spec in specs:
+                options = spec.options()
+                log.info(
+                    "model_loading",
+                    model=spec.name,
+                    runner=runner_name,
+                    source=safe_text(str(options.get("path") or options.get("base_url") or "built-in")),
+                    device=safe_text(str(options.get("device") or "auto")),
+                    gpus=[g.index for g in context_gpus],
+                )
+            await _start(runner_name, runner)
             ready = set(runner.ready_models())
             for spec in specs:
                 runtime.runners_by_model[spec.name] = runner
@@ -129,7 +153,7 @@ async def start_runtime(
                         )
                 else:
                     log.warning(
-                        "model not ready after start; advertised once its runner reports it ready",
+                        "model_not_ready_after_start",
                         model=spec.name,
                         runner=runner_name,
                     )

@@ -5,6 +5,11 @@ Sources, highest priority first: keyword arguments (the CLI), environment variab
 TOML file (``--config``), then defaults. The API key comes from ``coordinator.api_key``,
 ``coordinator.api_key_file``, or systemd's ``$CREDENTIALS_DIRECTORY/api-key``.
 
+Plain ``http://`` to a coordinator that is not on loopback is refused unless
+``coordinator.allow_insecure_http`` is set: the API key would travel in clear.
+:meth:`MinerSettings.secret_values` lists every secret the settings hold, so the daemon
+can mask them all in its logs.
+
 :func:`load_settings` turns any validation error into a :class:`ConfigError` whose one
 line names the setting and how to fix it.
 """
@@ -12,12 +17,23 @@ line names the setting and how to fix it.
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,11 +42,18 @@ from pydantic_settings import (
 )
 
 from miner.wire.errors import ConfigError
+from miner.wire.net import check_http_url, is_remote_plain_http, parse_host_port
+from miner.wire.secretfile import read_secret_file
 from runners.base import ModelSpec
 
 DEFAULT_CONFIG = Path("/etc/aitbc-miner/miner.toml")
 ENV_PREFIX = "AITBC_MINER_"
 CREDENTIAL_NAME = "api-key"
+MAX_RESULT_BYTES_CEILING = 64 << 20
+
+# [[models]] options whose value is a secret: api_key, *_api_key, *token, *password, *secret.
+_SECRET_OPTION = re.compile(r"(^|_)api_key$|token$|password$|secret$", re.IGNORECASE)
+_SECRET_FILE_OPTION = "api_key_file"
 
 
 class _Section(BaseModel):
@@ -38,28 +61,40 @@ class _Section(BaseModel):
 
 
 class CoordinatorSettings(_Section):
+    # Declared before url: the url check reads it.
+    allow_insecure_http: bool = Field(
+        default=False, description="allow plain http:// to a coordinator beyond loopback (the API key travels in clear)"
+    )
     url: str = "http://127.0.0.1:8011"
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
-    ca_file: Path | None = Field(None, description="extra CA bundle for a private TLS coordinator")
-    timeout_s: float = Field(10.0, gt=0, le=300)
-    long_poll_s: float = Field(15.0, ge=0, le=120, description="max_wait_seconds sent with each poll")
-    poll_interval_s: float = Field(1.0, gt=0, le=300, description="pause between polls that return at once")
-    idle_backoff_max_s: float = Field(5.0, gt=0, le=600, description="pause ceiling while the queue stays empty")
-    heartbeat_interval_s: float = Field(15.0, gt=0, le=600)
-    max_polls_per_minute: int = Field(90, ge=1, le=10_000, description="stays under the reference 100/min")
+    ca_file: Path | None = Field(default=None, description="extra CA bundle for a private TLS coordinator")
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    long_poll_s: float = Field(default=15.0, ge=0, le=120, description="max_wait_seconds sent with each poll")
+    poll_interval_s: float = Field(default=1.0, gt=0, le=300, description="pause between polls that return at once")
+    idle_backoff_max_s: float = Field(
+        default=5.0, gt=0, le=600, description="pause ceiling while the queue stays empty"
+    )
+    heartbeat_interval_s: float = Field(default=15.0, gt=0, le=600)
+    max_polls_per_minute: int = Field(default=90, ge=1, le=10_000, description="stays under the reference 100/min")
+    max_result_bytes: int = Field(
+        default=1 << 20, ge=1024, le=MAX_RESULT_BYTES_CEILING, description="largest result body the coordinator accepts"
+    )
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8011")
+    def _check_url(cls, value: str, info: ValidationInfo) -> str:
+        parts = check_http_url(value, "https://coordinator.example.net or http://127.0.0.1:8011")
+        if is_remote_plain_http(value) and not info.data.get("allow_insecure_http", False):
+            raise ValueError(
+                f"plain http:// to {parts.hostname}, a host beyond loopback, would send the miner API key in clear; "
+                "use https:// or set coordinator.allow_insecure_http = true"
+            )
         return value.rstrip("/")
 
 
 class GpuSettings(_Section):
-    enabled: bool = Field(True, description="false: CPU mode, NVML is not touched")
+    enabled: bool = Field(default=True, description="false: CPU mode, NVML is not touched")
     devices: list[int | str] = Field(default_factory=list, description="indices or UUIDs; empty = all")
 
 
@@ -70,9 +105,7 @@ class MetricsSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT such as 127.0.0.1:9477")
+        parse_host_port(value, "127.0.0.1:9477")
         return value
 
 
@@ -149,18 +182,53 @@ class MinerSettings(BaseSettings):
         if creds:
             candidates.append(("$CREDENTIALS_DIRECTORY", Path(creds) / CREDENTIAL_NAME))
         for setting, path in candidates:
-            try:
-                key = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                if setting == "$CREDENTIALS_DIRECTORY":
-                    continue
-                raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}; check the path and its permissions") from exc
-            if not key:
-                raise ConfigError(f"{setting}: {path} is empty; put the miner API key in it")
-            return key
+            if setting == "$CREDENTIALS_DIRECTORY" and not path.is_file():
+                continue
+            return read_secret_file(path, setting, "the miner API key")
         raise ConfigError(
             "coordinator.api_key: no API key; set coordinator.api_key_file in the config, "
             f"{ENV_PREFIX}COORDINATOR__API_KEY, or LoadCredential={CREDENTIAL_NAME}:... in the systemd unit"
+        )
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, to be masked in logs (never raises).
+
+        The coordinator API key from each of its sources (the setting, its file, the
+        systemd credential) and, for every ``[[models]]`` entry, the contents of its
+        ``api_key_file`` and any inline option named ``api_key``, ``*_api_key``,
+        ``*token``, ``*password`` or ``*secret`` (nested tables included). Unreadable
+        files are skipped: start-up reports them on its own.
+        """
+        values: list[str] = []
+        c = self.coordinator
+        if c.api_key is not None:
+            values.append(c.api_key.get_secret_value())
+        files = [c.api_key_file] if c.api_key_file is not None else []
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds:
+            files.append(Path(creds) / CREDENTIAL_NAME)
+        for spec in self.models:
+            for name, value in _walk_options(spec.options()):
+                if name == _SECRET_FILE_OPTION and isinstance(value, (str, Path)):
+                    files.append(Path(value))
+                elif _SECRET_OPTION.search(name) and isinstance(value, str):
+                    values.append(value.strip())
+        for path in files:
+            try:
+                values.append(read_secret_file(path, "secret file"))
+            except ConfigError:
+                continue
+        return list(dict.fromkeys(v for v in values if v))
+
+    def insecure_transport_warning(self) -> str | None:
+        """A one-line warning when the API key goes over plain HTTP beyond loopback (allowed by the setting)."""
+        url = self.coordinator.url
+        if not is_remote_plain_http(url):
+            return None
+        host = urlsplit(url).hostname
+        return (
+            f"coordinator.url uses plain http:// to {host}: the miner API key, prompts and results travel "
+            "unencrypted (coordinator.allow_insecure_http = true); switch to https:// where you can"
         )
 
     def effective_concurrency(self, gpu_count: int) -> int:
@@ -169,6 +237,16 @@ class MinerSettings(BaseSettings):
     @property
     def config_path(self) -> Path | None:
         return self._config_path
+
+
+def _walk_options(options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of every option, descending into nested tables and lists of tables."""
+    for name, value in options.items():
+        yield str(name), value
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, dict):
+                yield from _walk_options(item)
 
 
 # The TOML path is chosen at run time; settings_customise_sources is a classmethod, so the
@@ -198,14 +276,16 @@ def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Mi
     Raises :class:`ConfigError` (one line) for a missing file named explicitly, a
     malformed TOML file, or any invalid setting.
     """
-    explicit = config_path is not None
-    path = Path(config_path) if explicit else DEFAULT_CONFIG
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"config error: {path} does not exist; pass --config with the path of your miner.toml")
+    candidate = Path(config_path) if config_path is not None else DEFAULT_CONFIG
+    path: Path | None = candidate
+    if not candidate.exists():
+        if config_path is not None:
+            raise ConfigError(
+                f"config error: {candidate} does not exist; pass --config with the path of your miner.toml"
+            )
         path = None
-    elif path.is_dir():
-        raise ConfigError(f"config error: {path} is a folder; pass --config with the path of your miner.toml")
+    elif candidate.is_dir():
+        raise ConfigError(f"config error: {candidate} is a folder; pass --config with the path of your miner.toml")
     _TOML_FILE["path"] = path
     try:
         settings = MinerSettings(**overrides)

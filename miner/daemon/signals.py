@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Callable, Iterator
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

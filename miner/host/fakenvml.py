@@ -12,9 +12,10 @@ code under test cannot tell it apart. Errors are injected, never patched in::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Iterable
+from typing import Any
 
 MIB = 1024 * 1024
 
@@ -114,6 +115,13 @@ class FakeNvml:
             raise self._error("NVML_ERROR_NOT_SUPPORTED")
         return gpu
 
+    def _device(self, fn: str, reading: str, handle: Any) -> FakeGpu:
+        """:meth:`_enter` for a device function: a handle without a GPU is refused as NVML does."""
+        gpu = self._enter(fn, reading, handle)
+        if gpu is None:
+            raise self._error("NVML_ERROR_INVALID_ARGUMENT")
+        return gpu
+
     # -- the pynvml functions miner.host.nvml uses ----------------------------------------
 
     def nvmlInit(self) -> None:
@@ -149,34 +157,34 @@ class FakeNvml:
         return SimpleNamespace(index=index, gpu=self.gpus[index])
 
     def nvmlDeviceGetUUID(self, handle: SimpleNamespace) -> str | bytes:
-        gpu = self._enter("nvmlDeviceGetUUID", "uuid", handle)
-        return self._text(gpu.uuid)
+        gpu = self._device("nvmlDeviceGetUUID", "uuid", handle)
+        return self._text(gpu.uuid or "")  # never empty: the constructor fills in a missing uuid
 
     def nvmlDeviceGetName(self, handle: SimpleNamespace) -> str | bytes:
-        gpu = self._enter("nvmlDeviceGetName", "name", handle)
+        gpu = self._device("nvmlDeviceGetName", "name", handle)
         return self._text(gpu.name)
 
     def nvmlDeviceGetMemoryInfo(self, handle: SimpleNamespace) -> SimpleNamespace:
-        gpu = self._enter("nvmlDeviceGetMemoryInfo", "memory", handle)
+        gpu = self._device("nvmlDeviceGetMemoryInfo", "memory", handle)
         total, used = gpu.memory_total_mb * MIB, gpu.memory_used_mb * MIB
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: SimpleNamespace) -> tuple[int, int]:
-        gpu = self._enter("nvmlDeviceGetCudaComputeCapability", "compute_capability", handle)
+        gpu = self._device("nvmlDeviceGetCudaComputeCapability", "compute_capability", handle)
         return gpu.compute_capability
 
     def nvmlDeviceGetUtilizationRates(self, handle: SimpleNamespace) -> SimpleNamespace:
-        gpu = self._enter("nvmlDeviceGetUtilizationRates", "utilization_pct", handle)
+        gpu = self._device("nvmlDeviceGetUtilizationRates", "utilization_pct", handle)
         return SimpleNamespace(gpu=gpu.utilization_pct, memory=0)
 
     def nvmlDeviceGetTemperature(self, handle: SimpleNamespace, sensor: int) -> int:
-        gpu = self._enter("nvmlDeviceGetTemperature", "temperature_c", handle)
+        gpu = self._device("nvmlDeviceGetTemperature", "temperature_c", handle)
         if sensor != self.NVML_TEMPERATURE_GPU:
             raise self._error("NVML_ERROR_INVALID_ARGUMENT")
         return gpu.temperature_c
 
     def nvmlDeviceGetPowerUsage(self, handle: SimpleNamespace) -> int:
-        gpu = self._enter("nvmlDeviceGetPowerUsage", "power_w", handle)
+        gpu = self._device("nvmlDeviceGetPowerUsage", "power_w", handle)
         return int(gpu.power_w * 1000)  # milliwatts, as NVML reports it
 
 

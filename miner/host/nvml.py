@@ -12,9 +12,11 @@ reading a GPU does not support (NVML ``NOT_SUPPORTED``, e.g. power on some board
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import structlog
 
@@ -48,7 +50,7 @@ def _read(nvml: Any, fn: str, *args: Any) -> Any:
     try:
         return getattr(nvml, fn)(*args)
     except nvml.NVMLError as exc:
-        log.debug("NVML reading unavailable", call=fn, error=str(exc))
+        log.debug("nvml_reading_unavailable", call=fn, error=str(exc))
         return None
 
 
@@ -71,7 +73,7 @@ def _init(nvml: Any) -> str | None:
 
 
 def _no_driver(reason: str) -> None:
-    log.warning(f"no NVIDIA driver found (NVML: {reason}); running in CPU mode")
+    log.warning("no_nvidia_driver_cpu_mode", reason=reason)
 
 
 def _read_stats(nvml: Any, handle: Any, gpu: GpuInfo) -> GpuInfo:
@@ -93,7 +95,7 @@ def _probe_one(nvml: Any, index: int, driver: str | None, cuda: str | None) -> G
     try:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
     except nvml.NVMLError as exc:
-        log.warning(f"GPU {index} is not usable (NVML: {exc}); skipping it", gpu=index)
+        log.warning("gpu_unusable_skipped", gpu=index, error=str(exc))
         return None
     uuid = _read(nvml, "nvmlDeviceGetUUID", handle)
     name = _read(nvml, "nvmlDeviceGetName", handle)
@@ -155,10 +157,8 @@ def probe_gpus(nvml: Any = None, devices: Sequence[int | str] = ()) -> list[GpuI
         gpus = [g for i in range(count) if (g := _probe_one(nvml, i, driver_text, cuda)) is not None]
         return _select(gpus, devices)
     finally:
-        try:
+        with contextlib.suppress(nvml.NVMLError):
             nvml.nvmlShutdown()
-        except nvml.NVMLError:
-            pass
 
 
 def read_gpu_stats(nvml: Any, gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
@@ -171,8 +171,10 @@ def read_gpu_stats(nvml: Any, gpus: Iterable[GpuInfo]) -> list[GpuInfo]:
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
         except nvml.NVMLError as exc:
-            log.debug("NVML handle unavailable", gpu=gpu.index, error=str(exc))
-            out.append(dataclasses.replace(gpu, memory_free_mb=None, utilization_pct=None, temperature_c=None, power_w=None))
+            log.debug("nvml_handle_unavailable", gpu=gpu.index, error=str(exc))
+            out.append(
+                dataclasses.replace(gpu, memory_free_mb=None, utilization_pct=None, temperature_c=None, power_w=None)
+            )
             continue
         out.append(_read_stats(nvml, handle, gpu))
     return out
@@ -254,7 +256,5 @@ class Nvml:
             if not self._open:
                 return
             self._open = False
-            try:
+            with contextlib.suppress(self._module.NVMLError):
                 self._module.nvmlShutdown()
-            except self._module.NVMLError:
-                pass

@@ -20,6 +20,7 @@ class HealthState:
     draining: bool = False
     disk_ok: bool = True
     disk_reason: str = ""
+    registration_error: str = ""  # why the miner is not registered yet (shown until it is)
 
     def check(self, now: float | None = None) -> tuple[bool, str]:
         """``(healthy, reason)``; the reason is ``"ok"`` when healthy."""
@@ -29,7 +30,8 @@ class HealthState:
         if not self.disk_ok:
             return False, f"state folder unusable: {self.disk_reason or 'write failed'}"
         if not self.registered:
-            return False, "not registered with the coordinator"
+            why = f": {self.registration_error}" if self.registration_error else ""
+            return False, f"not registered with the coordinator{why}"
         if self.last_heartbeat is None:
             return False, "no heartbeat acknowledged yet"
         age = now - self.last_heartbeat

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -22,9 +22,6 @@ from runners.base import GpuInfo
 
 PREFIX = "aitbc_miner_"
 MIB = 1024 * 1024
-
-OUTCOMES = ("completed", "failed", "cancelled")
-ENDPOINTS = ("register", "heartbeat", "poll", "result", "fail")
 
 # Job wall time: from a few tens of milliseconds (fake runner) to long generations.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -51,12 +48,16 @@ class MinerMetrics:
         self._started = time.time()
         self._last_heartbeat: float | None = None
 
-        self.build_info = Gauge(PREFIX + "build_info", "Always 1; the miner version as a label.", ["version"], registry=r)
+        self.build_info = Gauge(
+            PREFIX + "build_info", "Always 1; the miner version as a label.", ["version"], registry=r
+        )
         self.build_info.labels(version=__version__).set(1)
         self.start_time = Gauge(PREFIX + "start_time_seconds", "Unix time the miner process started.", registry=r)
         self.start_time.set(self._started)
 
-        self.jobs_started = Counter(PREFIX + "jobs_started", "Jobs claimed and handed to a runner.", ["model"], registry=r)
+        self.jobs_started = Counter(
+            PREFIX + "jobs_started", "Jobs claimed and handed to a runner.", ["model"], registry=r
+        )
         self.jobs = Counter(
             PREFIX + "jobs",
             "Jobs ended, by model, outcome (completed|failed|cancelled) and error code (none when completed).",
@@ -115,10 +116,17 @@ class MinerMetrics:
         )
         self.heartbeat_age.set_function(self._heartbeat_age)
 
-        self.gpu_memory_used = Gauge(PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML).", GPU_LABELS, registry=r)
-        self.gpu_memory_total = Gauge(PREFIX + "gpu_memory_total_bytes", "GPU memory size (NVML).", GPU_LABELS, registry=r)
+        self.gpu_memory_used = Gauge(
+            PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML).", GPU_LABELS, registry=r
+        )
+        self.gpu_memory_total = Gauge(
+            PREFIX + "gpu_memory_total_bytes", "GPU memory size (NVML).", GPU_LABELS, registry=r
+        )
         self.gpu_utilization = Gauge(
-            PREFIX + "gpu_utilization_ratio", "GPU busy fraction over NVML's last sample period (0-1).", GPU_LABELS, registry=r
+            PREFIX + "gpu_utilization_ratio",
+            "GPU busy fraction over NVML's last sample period (0-1).",
+            GPU_LABELS,
+            registry=r,
         )
         self.gpu_temperature = Gauge(
             PREFIX + "gpu_temperature_celsius", "GPU core temperature (NVML).", GPU_LABELS, registry=r
@@ -127,11 +135,17 @@ class MinerMetrics:
         self.gpus = Gauge(PREFIX + "gpus", "GPUs this miner uses (0 in CPU mode).", registry=r)
 
         self.model_load_seconds = Gauge(
-            PREFIX + "model_load_seconds", "Seconds the last load and warm-up of a model took.", ["model", "runner"], registry=r
+            PREFIX + "model_load_seconds",
+            "Seconds the last load and warm-up of a model took.",
+            ["model", "runner"],
+            registry=r,
         )
         # Named ``loaded`` because ``model_loaded`` is a method of the interface.
         self.loaded = Gauge(
-            PREFIX + "model_loaded", "1 for each model ready to serve (advertised to the coordinator).", ["model"], registry=r
+            PREFIX + "model_loaded",
+            "1 for each model ready to serve (advertised to the coordinator).",
+            ["model"],
+            registry=r,
         )
 
     # -- jobs ------------------------------------------------------------------------
@@ -191,7 +205,13 @@ class MinerMetrics:
 
     def set_gpu_stats(self, gpus: Sequence[GpuInfo]) -> None:
         """Replace the per-GPU readings; a reading NVML did not give (None) is left out."""
-        gauges = (self.gpu_memory_used, self.gpu_memory_total, self.gpu_utilization, self.gpu_temperature, self.gpu_power)
+        gauges = (
+            self.gpu_memory_used,
+            self.gpu_memory_total,
+            self.gpu_utilization,
+            self.gpu_temperature,
+            self.gpu_power,
+        )
         for gauge in gauges:
             gauge.clear()
         self.gpus.set(len(gpus))

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import structlog
 
@@ -41,10 +40,6 @@ class Notifier:
         """True when ``$NOTIFY_SOCKET`` names a socket this class can write to."""
         return self._address is not None
 
-    def watchdog_timeout(self) -> float | None:
-        """systemd's ``WatchdogSec`` in seconds, or ``None`` when the watchdog is off for us."""
-        return self._watchdog_s
-
     def watchdog_interval(self) -> float | None:
         """How often to call :meth:`watchdog`: half of ``WatchdogSec`` (``None`` when off)."""
         return None if self._watchdog_s is None else self._watchdog_s / 2
@@ -54,10 +49,6 @@ class Notifier:
 
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
-
-    def reloading(self) -> bool:
-        # systemd 253+ wants the monotonic clock with RELOADING=1 (Type=notify-reload).
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
@@ -78,7 +69,7 @@ class Notifier:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                log.warning("systemd notification failed; continuing without it", error=str(exc))
+                log.warning("systemd_notify_failed", error=str(exc))
             return False
         return True
 

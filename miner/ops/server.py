@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from miner.ops.health import HealthState
 from miner.ops.metrics import MinerMetrics
+from miner.wire.net import parse_host_port
 
 log = structlog.get_logger("miner.ops.server")
 
@@ -25,11 +26,11 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``"[::1]:9477"`` for IPv6) -> ``(host, port)``; ValueError if malformed."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics.listen: {listen!r} is not HOST:PORT such as 127.0.0.1:9477")
-    return host.strip("[]"), int(port)
+    """``"HOST:PORT"`` (``"[::1]:9477"`` for IPv6) -> ``(host, port)``; ValueError naming metrics.listen."""
+    try:
+        return parse_host_port(listen, "127.0.0.1:9477")
+    except ValueError as exc:
+        raise ValueError(f"metrics.listen: {exc}") from None
 
 
 class MetricsServer:
@@ -89,7 +90,7 @@ class MetricsServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a stalled or broken client: drop it
         except Exception:  # never let a scrape take the daemon down
-            log.exception("metrics endpoint failed to answer a request")
+            log.exception("metrics_request_failed")
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -1,1 +1,1 @@
-"""Durable outcomes: the outbox on disk and delivery to the coordinator."""
+"""Durable outcomes: the outbox on disk and its one writer thread."""

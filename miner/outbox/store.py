@@ -9,42 +9,55 @@ Layout under ``state_dir``::
 Writes are atomic: a temporary file is written and fsynced, renamed over the final name,
 and the folder is fsynced. An acknowledgement is recorded in ``acked.log`` *before* the
 entry is deleted, so a crash between the two still counts the job as delivered.
-:meth:`Outbox.seen` is how the daemon refuses to run or submit a job twice.
+:meth:`Outbox.state` is how the daemon refuses to run or submit a job twice.
 
-When the state folder cannot be written (disk full, read-only), :meth:`Outbox.put` keeps
-the outcome in memory so it can still be delivered, marks the outbox unhealthy and raises
-:class:`~miner.wire.errors.StateError`; :meth:`Outbox.recover` writes the kept outcomes once
-writes work again. All methods are thread-safe (the daemon calls them via
-``asyncio.to_thread``).
+The event loop never waits for the disk. The index (what is pending, acked, rejected,
+kept only in memory; ``healthy``/``reason``) belongs to the event loop and takes no lock,
+so ``len``, ``pending``, ``get`` and ``state`` are cheap synchronous calls. Every disk
+operation runs in the outbox's one writer thread (:mod:`miner.outbox.writer`) and is
+awaited; the loop changes the index only once the write it depends on has returned.
+Changes take turns (an ``asyncio.Lock``, which parks coroutines, never the loop), and a
+change whose caller is cancelled still completes, so the index always matches the disk.
+
+An entry is encoded (strict JSON: no NaN, no sets or bytes) before anything else: an
+unencodable one raises ``ValueError``/``TypeError`` and leaves no trace. When the state
+folder cannot be written (disk full, read-only), :meth:`Outbox.put` keeps the outcome in
+memory so it can still be delivered, marks the outbox unhealthy and raises
+:class:`~miner.wire.errors.StateError`; :meth:`Outbox.recover` writes the kept outcomes
+once writes work again.
 """
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import hashlib
 import json
 import os
 import re
-import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
+from miner.outbox import writer
+from miner.outbox.writer import MIN_FREE_BYTES, Fsync, Writer, atomic_write, why
 from miner.wire.errors import StateError
+
+__all__ = ["ACKED_LIMIT", "MIN_FREE_BYTES", "Outbox", "OutboxEntry", "atomic_write", "encode", "file_name"]
 
 log = structlog.get_logger("miner.outbox.store")
 
 FORMAT_VERSION = 1
 ACKED_LIMIT = 4096
-# Below this much free space in the state folder, no new job is claimed (its outcome may not fit).
-MIN_FREE_BYTES = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 Kind = Literal["result", "fail"]
+State = Literal["pending", "rejected", "acked"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,13 +91,16 @@ class OutboxEntry:
         job_id, kind, body = data.get("job_id"), data.get("kind"), data.get("body")
         if not isinstance(job_id, str) or kind not in ("result", "fail") or not isinstance(body, dict):
             raise ValueError("outbox entry lacks job_id, kind or body")
-        return cls(
-            job_id=job_id,
-            kind=kind,
-            body=body,
-            created_at=float(data.get("created_at", 0.0)),
-            seq=int(data.get("seq", 0)),
-        )
+        try:
+            created_at, seq = float(data.get("created_at", 0.0)), int(data.get("seq", 0))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError("outbox entry has a bad created_at or seq") from exc
+        return cls(job_id=job_id, kind=kind, body=body, created_at=created_at, seq=seq)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """Strict JSON bytes of an outbox record; ``ValueError``/``TypeError`` for what JSON cannot hold."""
+    return json.dumps(data, allow_nan=False).encode("utf-8")
 
 
 def file_name(job_id: str) -> str:
@@ -97,63 +113,31 @@ def file_name(job_id: str) -> str:
     return safe + ".json"
 
 
-def _free_bytes(path: Path) -> int | None:
-    """Bytes an unprivileged writer may still use under ``path`` (None when it cannot be told)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 class Outbox:
     """Durable, ordered store of job outcomes until the coordinator acknowledges them.
 
-    Contract: :meth:`open` once before use (raises :class:`StateError` if the folder is
-    unusable). ``put`` before submitting; ``ack`` after a 2xx; ``reject`` for an answer
-    meaning "never"; ``pending`` in creation order; ``seen(job_id)`` true for any job
-    with a pending, acknowledged (recently) or rejected outcome.
+    Contract: ``await open()`` once before use (raises :class:`StateError` if the folder
+    is unusable) and ``await aclose()`` at the end. ``put`` before submitting; ``ack``
+    after a 2xx; ``reject`` for an answer meaning "never"; ``revive`` when a rejected job
+    is offered again. ``pending()`` lists in creation order; ``state(job_id)`` says
+    whether an outcome is pending, rejected, recently acknowledged, or unknown. Reads are
+    synchronous and for the event loop's thread only; ``fsync`` (called with a file
+    descriptor) is used for every fsync, files and folders alike.
     """
 
-    def __init__(self, state_dir: Path, *, acked_limit: int = ACKED_LIMIT) -> None:
+    def __init__(self, state_dir: Path, *, acked_limit: int = ACKED_LIMIT, fsync: Fsync = os.fsync) -> None:
         self.dir = Path(state_dir) / "outbox"
         self.rejected_dir = self.dir / "rejected"
         self.acked_path = self.dir / "acked.log"
         self.acked_limit = acked_limit
-        self._lock = threading.RLock()
+        self._fsync = fsync
+        self._writer = Writer()
+        self._turn: asyncio.Lock | None = None
+        self._turn_loop: asyncio.AbstractEventLoop | None = None
+        self._changes: set[asyncio.Task[Any]] = set()
+        # The index: touched only on the event loop, never by the writer thread.
         self._pending: dict[str, OutboxEntry] = {}
-        self._unsaved: set[str] = set()  # pending only in memory (the disk refused them)
+        self._unsaved: dict[str, bytes] = {}  # pending only in memory (the disk refused them), encoded
         self._acked: OrderedDict[str, None] = OrderedDict()
         self._acked_lines = 0
         self._rejected: set[str] = set()
@@ -161,195 +145,202 @@ class Outbox:
         self.healthy = True
         self.reason = ""
 
-    # -- start-up --------------------------------------------------------------------
-
-    def open(self) -> None:
-        """Create the folders, drop stale temporary files, load pending and acked ids."""
-        with self._lock:
-            try:
-                self.rejected_dir.mkdir(parents=True, exist_ok=True)
-                for tmp in self.dir.glob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
-                self._load_acked()
-                self._rejected = {p.stem for p in self.rejected_dir.glob("*.json")}
-                entries = []
-                for path in self.dir.glob("*.json"):
-                    try:
-                        entries.append(OutboxEntry.from_json(json.loads(path.read_bytes())))
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        bad = self.rejected_dir / (path.name + ".corrupt")
-                        os.replace(path, bad)
-                        log.error("outbox entry unreadable; moved aside", file=str(bad), error=str(exc))
-            except OSError as exc:
-                raise StateError(f"cannot use the outbox folder {self.dir}: {exc.strerror or exc}") from exc
-            for entry in sorted(entries, key=lambda e: (e.created_at, e.seq)):
-                if entry.job_id in self._acked:
-                    self._remove_file(entry.job_id)  # acked just before a crash
-                    continue
-                self._pending[entry.job_id] = entry
-                self._seq = max(self._seq, entry.seq)
-            if self._pending:
-                log.info("outbox holds undelivered outcomes; delivering them first", count=len(self._pending))
-
-    def _load_acked(self) -> None:
-        try:
-            lines = self.acked_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            lines = []
-        for line in lines[-self.acked_limit :]:
-            if line.strip():
-                self._acked[line.strip()] = None
-        self._acked_lines = len(lines)
-
-    # -- queries ---------------------------------------------------------------------
+    # -- queries (event loop only, no lock, no disk) --------------------------------------
 
     def pending(self) -> list[OutboxEntry]:
-        with self._lock:
-            return sorted(self._pending.values(), key=lambda e: (e.created_at, e.seq))
+        return sorted(self._pending.values(), key=lambda e: (e.created_at, e.seq))
 
     def get(self, job_id: str) -> OutboxEntry | None:
-        with self._lock:
-            return self._pending.get(job_id)
+        return self._pending.get(job_id)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return len(self._pending)
 
-    def seen(self, job_id: str) -> bool:
-        return self.state(job_id) is not None
-
-    def state(self, job_id: str) -> Literal["pending", "rejected", "acked"] | None:
+    def state(self, job_id: str) -> State | None:
         """What this miner knows of ``job_id``'s outcome: pending, rejected, acked, or nothing."""
-        with self._lock:
-            if job_id in self._pending:
-                return "pending"
-            if file_name(job_id)[:-5] in self._rejected:
-                return "rejected"
-            return "acked" if job_id in self._acked else None
+        if job_id in self._pending:
+            return "pending"
+        if file_name(job_id)[:-5] in self._rejected:
+            return "rejected"
+        return "acked" if job_id in self._acked else None
 
-    # -- changes ---------------------------------------------------------------------
+    # -- taking turns ------------------------------------------------------------------
 
-    def put(self, entry: OutboxEntry) -> None:
-        """Persist ``entry``. On a write failure it is kept in memory and StateError is raised."""
-        with self._lock:
-            self._seq += 1
-            entry.seq = self._seq
+    async def _change(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run one change after those before it; it completes even if the caller is cancelled."""
+        task = asyncio.ensure_future(self._in_turn(fn, *args))
+        self._changes.add(task)
+        task.add_done_callback(self._change_done)
+        return await asyncio.shield(task)
+
+    async def _in_turn(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        if self._turn is None or self._turn_loop is not loop:
+            self._turn, self._turn_loop = asyncio.Lock(), loop
+        async with self._turn:
+            return await fn(*args)
+
+    def _change_done(self, task: asyncio.Task[Any]) -> None:
+        self._changes.discard(task)
+        if not task.cancelled():
+            task.exception()  # a caller that was cancelled no longer reads it; do not warn
+
+    # -- start-up and close -------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the folders, drop stale temporary files, load pending, acked and rejected ids."""
+        await self._change(self._open)
+
+    async def _open(self) -> None:
+        try:
+            found = await self._writer.run(
+                writer.load, self.dir, self.rejected_dir, self.acked_path, self.acked_limit, OutboxEntry.from_json
+            )
+        except OSError as exc:
+            raise StateError(f"cannot use the outbox folder {self.dir}: {why(exc)}") from exc
+        self._acked = OrderedDict.fromkeys(found.acked)
+        self._acked_lines = found.acked_lines
+        self._rejected = found.rejected
+        self._unsaved = {}
+        self._pending = {}
+        for entry in sorted(found.entries, key=lambda e: (e.created_at, e.seq)):
             self._pending[entry.job_id] = entry
-            try:
-                atomic_write(self.dir / file_name(entry.job_id), json.dumps(entry.to_json()).encode("utf-8"))
-            except OSError as exc:
-                self._unsaved.add(entry.job_id)
-                self._mark_unhealthy(f"cannot write {self.dir}: {exc.strerror or exc}")
-                raise StateError(f"outbox write failed for job {entry.job_id}: {self.reason}") from exc
+            self._seq = max(self._seq, entry.seq)
+        if self._pending:
+            log.info("outbox_undelivered_outcomes", count=len(self._pending))
 
-    def ack(self, job_id: str, *, remember: bool = True) -> None:
+    async def aclose(self) -> None:
+        """Let the changes already asked for finish, then stop the writer thread (idempotent)."""
+        if self._writer.closed:
+            return
+        await self._change(self._writer.aclose)
+
+    # -- changes -----------------------------------------------------------------------
+
+    async def put(self, entry: OutboxEntry) -> None:
+        """Persist ``entry``; it is pending once written.
+
+        Raises ``ValueError``/``TypeError`` (and changes nothing) when the entry cannot be
+        encoded as JSON. On a write failure it is kept in memory, the outbox is marked
+        unhealthy and :class:`StateError` is raised.
+        """
+        seq = self._seq + 1
+        data = encode(entry.to_json() | {"seq": seq})  # first: an unencodable entry leaves no trace
+        self._seq = entry.seq = seq
+        await self._change(self._save, entry, data)
+
+    async def _save(self, entry: OutboxEntry, data: bytes) -> None:
+        try:
+            await self._writer.run(atomic_write, self.dir / file_name(entry.job_id), data, fsync=self._fsync)
+        except OSError as exc:
+            self._pending[entry.job_id] = entry
+            self._unsaved[entry.job_id] = data
+            self._mark_unhealthy(f"cannot write {self.dir}: {why(exc)}")
+            raise StateError(f"outbox write failed for job {entry.job_id}: {self.reason}") from exc
+        self._pending[entry.job_id] = entry
+        self._unsaved.pop(entry.job_id, None)
+
+    async def ack(self, job_id: str, *, remember: bool = True) -> None:
         """The coordinator acknowledged ``job_id``: record it, then delete the entry.
 
         ``remember=False`` (a ``SHUTDOWN`` failure, which hands the job back for
         reassignment) deletes the entry without recording the job as done, so this miner
-        may run it if it is offered again.
+        may run it if it is offered again. When ``acked.log`` cannot be written the job is
+        still remembered in memory and the outbox is marked unhealthy.
         """
-        with self._lock:
-            if remember:
-                self._record_acked(job_id)
-            self._pending.pop(job_id, None)
-            self._unsaved.discard(job_id)
-            self._remove_file(job_id)
+        await self._change(self._ack, job_id, remember)
 
-    def reject(self, job_id: str, reason: str) -> None:
+    async def _ack(self, job_id: str, remember: bool) -> None:
+        line: str | None = None
+        compacted: OrderedDict[str, None] | None = None
+        if remember and self._acked_lines >= 2 * self.acked_limit:
+            compacted = self._with_acked(OrderedDict(self._acked), job_id)
+        elif remember:
+            line = job_id.replace("\n", " ") + "\n"
+        data = None if compacted is None else "".join(f"{j}\n" for j in compacted).encode("utf-8")
+        failed = await self._writer.run(
+            writer.record_ack, self.acked_path, line, data, self.dir / file_name(job_id), self._fsync
+        )
+        if remember:
+            # Remembered even when the log write failed: no re-run in this process.
+            self._acked = compacted if compacted is not None else self._with_acked(self._acked, job_id)
+            if not failed:
+                self._acked_lines = len(self._acked) if compacted is not None else self._acked_lines + 1
+        self._pending.pop(job_id, None)
+        self._unsaved.pop(job_id, None)
+        if failed:
+            self._mark_unhealthy(failed)
+
+    def _with_acked(self, acked: OrderedDict[str, None], job_id: str) -> OrderedDict[str, None]:
+        acked[job_id] = None
+        acked.move_to_end(job_id)
+        while len(acked) > self.acked_limit:
+            acked.popitem(last=False)
+        return acked
+
+    async def reject(self, job_id: str, reason: str) -> None:
         """The coordinator will never accept ``job_id``: keep it under ``rejected/`` with the reason."""
-        with self._lock:
-            entry = self._pending.pop(job_id, None)
-            self._unsaved.discard(job_id)
-            name = file_name(job_id)
-            self._rejected.add(name[:-5])  # the file under rejected/ is the durable record
-            if entry is None:
-                return
-            data = entry.to_json() | {"rejected_reason": reason, "rejected_at": time.time()}
-            try:
-                atomic_write(self.rejected_dir / name, json.dumps(data).encode("utf-8"))
-                self._remove_file(job_id)
-            except OSError as exc:
-                log.error("cannot move a rejected outcome aside", job_id=job_id, error=str(exc))
+        await self._change(self._reject, job_id, reason)
 
-    def revive(self, job_id: str) -> OutboxEntry | None:
+    async def _reject(self, job_id: str, reason: str) -> None:
+        name = file_name(job_id)
+        entry = self._pending.get(job_id)
+        if entry is not None:
+            data = encode(entry.to_json() | {"rejected_reason": reason, "rejected_at": time.time()})
+            await self._writer.run(writer.move_aside, self.rejected_dir / name, data, self.dir / name, self._fsync)
+        self._pending.pop(job_id, None)
+        self._unsaved.pop(job_id, None)
+        self._rejected.add(name[:-5])  # the file under rejected/ is the durable record
+
+    async def revive(self, job_id: str) -> OutboxEntry | None:
         """Move a rejected outcome back to pending (the coordinator offered its job again).
 
-        Returns the entry, or ``None`` when there is no readable rejected outcome.
+        Returns the entry, or ``None`` when there is no readable rejected outcome; raises
+        :class:`StateError` (the entry kept in memory) when it cannot be written back.
         """
-        with self._lock:
-            path = self.rejected_dir / file_name(job_id)
-            try:
-                entry = OutboxEntry.from_json(json.loads(path.read_bytes()))
-            except (OSError, ValueError, UnicodeDecodeError):
-                return None
+        return await self._change(self._revive, job_id)
+
+    async def _revive(self, job_id: str) -> OutboxEntry | None:
+        path = self.rejected_dir / file_name(job_id)
+        try:
+            entry = OutboxEntry.from_json(await self._writer.run(writer.read_json, path))
+            seq = self._seq + 1
+            data = encode(entry.to_json() | {"seq": seq})
+        except (ValueError, TypeError):
+            return None
+        self._seq = entry.seq = seq
+        try:
+            await self._save(entry, data)
+        finally:
             self._rejected.discard(path.stem)
             self._acked.pop(job_id, None)
-            self.put(entry)
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("cannot remove a revived rejected outcome", job_id=job_id, error=str(exc))
-            return entry
-
-    def _record_acked(self, job_id: str) -> None:
-        self._acked[job_id] = None
-        self._acked.move_to_end(job_id)
-        while len(self._acked) > self.acked_limit:
-            self._acked.popitem(last=False)
-        try:
-            if self._acked_lines >= 2 * self.acked_limit:
-                atomic_write(self.acked_path, "".join(f"{j}\n" for j in self._acked).encode("utf-8"))
-                self._acked_lines = len(self._acked)
-            else:
-                with open(self.acked_path, "a", encoding="utf-8") as fh:
-                    fh.write(job_id.replace("\n", " ") + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self._acked_lines += 1
-        except OSError as exc:
-            # The in-memory record still prevents a re-run in this process.
-            self._mark_unhealthy(f"cannot write {self.acked_path}: {exc.strerror or exc}")
-
-    def _remove_file(self, job_id: str) -> None:
-        try:
-            (self.dir / file_name(job_id)).unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot delete an acknowledged outbox entry", job_id=job_id, error=str(exc))
+        await self._writer.run(writer.unlink_revived, path)
+        return entry
 
     def _mark_unhealthy(self, reason: str) -> None:
         if self.healthy:
-            log.error("state folder not writable; claiming stops until it is", reason=reason)
+            log.error("state_folder_not_writable", reason=reason)
         self.healthy = False
         self.reason = reason
 
-    # -- recovery --------------------------------------------------------------------
+    # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> bool:
+    async def recover(self) -> bool:
         """Probe the folder (free space, then a real write); if it is usable, save the outcomes
         kept in memory. True when healthy. Cheap enough to call on every heartbeat."""
-        with self._lock:
-            try:
-                free = _free_bytes(self.dir)
-                if free is not None and free < MIN_FREE_BYTES:
-                    self._mark_unhealthy(
-                        f"cannot write {self.dir}: {os.strerror(errno.ENOSPC)} "
-                        f"({free // 1024} KiB free; claiming needs {MIN_FREE_BYTES // 1024} KiB)"
-                    )
-                    return False
-                self.rejected_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.dir / ".probe", b"ok")
-                (self.dir / ".probe").unlink()
-                for job_id in sorted(self._unsaved, key=lambda j: self._pending[j].seq if j in self._pending else 0):
-                    entry = self._pending.get(job_id)
-                    if entry is not None:
-                        atomic_write(self.dir / file_name(job_id), json.dumps(entry.to_json()).encode("utf-8"))
-                    self._unsaved.discard(job_id)
-            except OSError as exc:
-                self._mark_unhealthy(f"cannot write {self.dir}: {exc.strerror or exc}")
-                return False
-            if not self.healthy:
-                log.info("state folder writable again; claiming resumes")
-            self.healthy = True
-            self.reason = ""
-            return True
+        return await self._change(self._recover)
+
+    async def _recover(self) -> bool:
+        order = sorted(self._unsaved, key=lambda j: self._pending[j].seq if j in self._pending else 0)
+        unsaved = [(j, self.dir / file_name(j), self._unsaved[j]) for j in order]
+        done = await self._writer.run(writer.probe_and_save, self.dir, self.rejected_dir, unsaved, self._fsync)
+        for job_id in done.saved:
+            self._unsaved.pop(job_id, None)
+        if done.failed:
+            self._mark_unhealthy(done.failed)
+            return False
+        if not self.healthy:
+            log.info("state_folder_writable_again")
+        self.healthy = True
+        self.reason = ""
+        return True

@@ -15,7 +15,6 @@ import base64
 import hashlib
 import json
 import secrets
-from pathlib import Path
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
@@ -68,7 +67,7 @@ def sign_receipt(receipt: dict[str, Any], signing_key: SigningKey) -> dict[str, 
     ``None`` values are removed from the returned receipt too, so it verifies exactly as
     sent and as served.
     """
-    body = drop_nones({k: v for k, v in receipt.items() if k != "signature"})
+    body: dict[str, Any] = drop_nones({k: v for k, v in receipt.items() if k != "signature"})
     signed = signing_key.sign(canonical_json(body))
     body["signature"] = {"alg": ALG, "key_id": key_id(signing_key.verify_key), "sig": b64url(signed.signature)}
     return body
@@ -160,4 +159,5 @@ def build_miner_receipt(
     }
     if extra:
         receipt.update(extra)
-    return drop_nones(receipt)
+    cleaned: dict[str, Any] = drop_nones(receipt)
+    return cleaned

@@ -16,17 +16,19 @@ sum to its wall time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from miner.wire.errors import ErrorCode, JobError
-from runners.base import Job, RunResult
+from miner.wire.errors import JobError
+from runners.base import Job, RunResult, stop_error
 from runners.hf.model import LoadedModel
 from runners.params import GenerationParams, apply_stop
 
@@ -72,10 +74,8 @@ class Request:
 
 def settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any) -> None:
     """Set a result (or an exception) on ``future`` from a worker thread."""
-    try:
+    with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
         loop.call_soon_threadsafe(_settle, future, value)
-    except RuntimeError:  # the event loop is closed: nobody is waiting any more
-        pass
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:
@@ -104,17 +104,6 @@ class Row:
         return self.request.job.request.params
 
 
-def stop_error(job: Job, closing: bool) -> JobError | None:
-    """The error for a job that must stop now, if any."""
-    if closing:
-        return JobError(ErrorCode.SHUTDOWN, "the miner is shutting down")
-    if job.cancelled:
-        return JobError(ErrorCode.CANCELLED, "the job was cancelled")
-    if job.expired():
-        return JobError(ErrorCode.DEADLINE_EXCEEDED, "the job passed its deadline (TTL) while running")
-    return None
-
-
 class RowSampler(LogitsProcessor):
     """Samples each row with its own generator and returns scores whose argmax is the draw."""
 
@@ -126,7 +115,7 @@ class RowSampler(LogitsProcessor):
         if params.top_p is not None and params.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p=params.top_p))
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         probs = torch.softmax(scores, dim=-1)
@@ -160,7 +149,7 @@ class BatchControl(StoppingCriteria):
         # Tokens to decode when looking for a stop string: enough for its bytes, one per token.
         self.windows = [4 * max((len(s) for s in row.params.stop), default=0) + 8 for row in rows]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
         now = time.monotonic()
         if self.first_token_at is None:
@@ -189,10 +178,14 @@ class BatchControl(StoppingCriteria):
             elif len(row.tokens) >= row.max_new:
                 self.finish(row, "length")
         self.steps += 1
-        if self.late_joiners is not None and self.steps <= self.restart_steps and not all(r.done for r in self.rows):
-            if self.late_joiners():
-                self.restart = True  # stop here; the caller reruns the unfinished rows with the newcomers
-                return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        if (
+            self.late_joiners is not None
+            and self.steps <= self.restart_steps
+            and not all(r.done for r in self.rows)
+            and self.late_joiners()
+        ):
+            self.restart = True  # stop here; the caller reruns the unfinished rows with the newcomers
+            return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
     def _stop_seen(self, row: Row, window: int) -> bool:

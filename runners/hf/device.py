@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from runners.hf.memory import MiB
 
-_FATAL_MARKERS = (
+FATAL_MARKERS = (
     "cuda error",
     "cuda driver error",
     "device-side assert",
@@ -37,7 +37,7 @@ def is_device_fatal(exc: BaseException) -> bool:
     if "out of memory" in text:
         return False
     accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
-    return isinstance(exc, accelerator_error) or any(marker in text for marker in _FATAL_MARKERS)
+    return isinstance(exc, accelerator_error) or any(marker in text for marker in FATAL_MARKERS)
 
 
 class MemoryProbe:

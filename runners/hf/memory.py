@@ -12,8 +12,9 @@ It errs on the generous side: a job refused as INSUFFICIENT_VRAM would not have 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 MiB = 1024 * 1024
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

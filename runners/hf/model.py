@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import torch
@@ -119,6 +119,17 @@ def load_model(entry: ModelEntry, tokenizer: Any) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would go to the daemon's stderr
+    hf_logging.disable_default_handler()  # its lines reach the root logger, which the daemon formats
+    hf_logging.enable_propagation()
+    log.info(
+        "model_loading",
+        model=entry.name,
+        path=str(entry.folder),
+        revision=entry.revision,
+        device=entry.plan.key,
+        dtype=entry.dtype,
+        weights_mb=round(entry.weight_bytes / 2**20),
+    )
     started = time.monotonic()
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, entry.dtype),
@@ -145,7 +156,7 @@ def load_model(entry: ModelEntry, tokenizer: Any) -> LoadedModel:
         entry=entry,
         model=model,
         tokenizer=tokenizer,
-        device=model.get_input_embeddings().weight.device,
+        device=cast(torch.Tensor, model.get_input_embeddings().weight).device,
         pad_id=int(pad),
         eos_ids=eos_ids,
         weight_bytes=weight_bytes,
@@ -191,7 +202,8 @@ def encode(entry: ModelEntry, tokenizer: Any, request: TextRequest) -> list[int]
             text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja errors: the template refuses these messages
             raise JobError(
-                ErrorCode.INVALID_PAYLOAD, f"the chat template of {entry.name!r} rejected the messages: {exc}"
+                ErrorCode.INVALID_PAYLOAD,
+                f"the chat template of {entry.name!r} rejected the messages ({type(exc).__name__})",
             ) from exc
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:

@@ -133,7 +133,7 @@ def log_progress_class(label: str) -> type:
     """A tqdm class that writes nothing to the terminal and logs progress every few seconds."""
     from tqdm import tqdm
 
-    class _LogProgress(tqdm):  # type: ignore[misc]
+    class _LogProgress(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.pop("name", None)
             kwargs["file"] = _NullStream()

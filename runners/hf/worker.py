@@ -15,6 +15,12 @@ halves; a job that runs out of memory alone fails with ``OUT_OF_MEMORY``, and th
 batch cap drops to the size that failed (it grows back by one after each full batch).
 A CUDA error that leaves the device unusable marks the worker broken: every in-flight and
 later job on it gets :class:`~miner.wire.errors.DeviceError`, which stops the daemon.
+
+An unexpected exception's message may quote the prompt (a tokenizer or a model that
+echoes its input), so none reaches the coordinator or the log: the job fails with a fixed
+message naming the exception type, and the log line carries the type and the traceback
+frames (file, line, function) only. A fatal CUDA error is described by the marker that
+identified it, never by its text.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import asyncio
 import queue
 import threading
 import time
+import traceback
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import structlog
 import torch
@@ -34,7 +42,7 @@ from miner.wire.errors import DeviceError, ErrorCode, JobError
 from runners.hf import model as hf_model
 from runners.hf.batch import Request, Row, run_batch, settle_threadsafe, stop_error
 from runners.hf.cache import ModelCache
-from runners.hf.device import MemoryProbe, is_device_fatal, is_out_of_memory
+from runners.hf.device import FATAL_MARKERS, MemoryProbe, is_device_fatal, is_out_of_memory
 from runners.hf.memory import MemoryEstimate, estimate_bytes, mib
 from runners.hf.model import LoadedModel, ModelEntry
 from runners.params import GenerationParams
@@ -349,15 +357,14 @@ class DeviceWorker:
             pending.extendleft([left[half:], left[:half]])
 
     def _fail_unexpected(self, requests: list[Request], exc: Exception) -> None:
-        log.error("generation_failed", device=self.key, error_type=type(exc).__name__, exc_info=exc)
+        log.error("generation_failed", device=self.key, error_type=type(exc).__name__, frames=traceback_frames(exc))
+        message = f"generation failed on {self.key} with {type(exc).__name__}; see generation_failed in the miner log"
         for request in requests:
-            request.resolve(
-                JobError(ErrorCode.RUNNER_ERROR, f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
-            )
+            request.resolve(JobError(ErrorCode.RUNNER_ERROR, message))
 
     def _break(self, exc: Exception, rows: list[Row]) -> None:
-        self.broken = f"{type(exc).__name__}: {str(exc)[:200]}"
-        log.critical("device_unusable", device=self.key, error=self.broken)
+        self.broken = describe_fatal(exc)
+        log.critical("device_unusable", device=self.key, error=self.broken, frames=traceback_frames(exc))
         error = DeviceError(f"device {self.key} is unusable: {self.broken}")
         for row in rows:
             if not row.done:
@@ -376,7 +383,22 @@ class DeviceWorker:
             if item is _STOP:
                 self._backlog.appendleft(item)  # the main loop still has to see it
                 return
-            if isinstance(item, Request) and item.take():
+            if (isinstance(item, Request) and item.take()) or isinstance(item, Command):
                 item.resolve(error)
-            elif isinstance(item, Command):
-                item.resolve(error)
+
+
+def traceback_frames(exc: BaseException, limit: int = 30) -> list[str]:
+    """``file:line:function`` of each frame of ``exc``'s traceback (innermost last), without any message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return [f"{frame.filename}:{frame.lineno}:{frame.name}" for frame in frames][-limit:]
+
+
+# Most specific first, so "cuda error: an illegal memory access" reads "illegal memory access".
+_FATAL_DESCRIPTIONS = tuple(sorted(FATAL_MARKERS, key=len, reverse=True))
+
+
+def describe_fatal(exc: BaseException) -> str:
+    """A fatal CUDA error as its type and the known marker found in it (never the message itself)."""
+    text = str(exc).lower()
+    marker = next((m for m in _FATAL_DESCRIPTIONS if m in text), "unrecognised CUDA failure")
+    return f"{type(exc).__name__} ({marker})"

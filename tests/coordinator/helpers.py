@@ -36,7 +36,7 @@ class ScriptedMiner:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "ScriptedMiner":
+    def __enter__(self) -> ScriptedMiner:
         return self
 
     def __exit__(self, *exc: object) -> None:

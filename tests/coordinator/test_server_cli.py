@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.server import CLIENT_KEYS_ENV, MINER_KEYS_ENV, collect_keys, is_loopback, serve_from_cli
+from coordinator.server import CLIENT_KEYS_ENV, MINER_KEYS_ENV, collect_keys, serve_from_cli
 from miner.cli.main import build_parser
+from miner.wire.net import is_loopback_host
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,10 +39,11 @@ def test_keys_come_from_options_and_environment() -> None:
 
 
 @pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                                ("127.8.9.10", True), ("[::1]", True), ("LOCALHOST", True),
                                                 ("0.0.0.0", False), ("192.168.1.5", False), ("example.org", False)])
 def test_loopback_detection(host: str, loopback: bool) -> None:
     """Only loopback addresses count as loopback."""
-    assert is_loopback(host) is loopback
+    assert is_loopback_host(host) is loopback
 
 
 def test_coordinator_command_starts_with_defaults(tmp_path: Path) -> None:

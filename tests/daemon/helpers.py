@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -34,7 +35,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def miner_settings(state_dir: Path, url: str = "http://coordinator.test", **overrides: Any) -> MinerSettings:
+def miner_settings(state_dir: Path, url: str = "http://127.0.0.1:9", **overrides: Any) -> MinerSettings:
     """Settings for a fast test miner: CPU mode, no metrics server, quick pacing."""
     base: dict[str, Any] = {
         "miner_id": "rig-test",

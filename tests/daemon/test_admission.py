@@ -6,15 +6,26 @@ from typing import Any
 
 import pytest
 
-from miner.daemon.admission import admit, check
+from miner.daemon.admission import admit
 from miner.daemon.capabilities import build_capabilities
-from miner.wire.errors import ErrorCode
+from miner.wire.errors import ErrorCode, JobError
 from runners.base import GpuInfo
 
 GPU = GpuInfo(index=0, uuid="GPU-1", name="NVIDIA GeForce RTX 3090", memory_total_mb=24576, cuda_version="12.4")
 CAPS = build_capabilities(gpus=[GPU], models=["llama2"], price=0.01, region="eu")
 SERVED = ["llama2"]
 OK = {"model": "llama2", "prompt": "hi"}
+
+
+def check(
+    payload: Any, constraints: Any, caps: dict[str, Any], served: list[str], *args: Any, **kw: Any
+) -> JobError | None:
+    """The JobError admission raises for this job, or None when it is admitted."""
+    try:
+        admit(payload, constraints, caps, served, *args, **kw)
+    except JobError as exc:
+        return exc
+    return None
 
 
 def _code(payload: Any, constraints: Any = None, caps: dict[str, Any] = CAPS) -> str | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_cancelled_running_job_stops_and_is_not_submitted(
     asyncio.run(scenario())
     assert _state(coordinator_client, job_id) == "CANCELLED"
     assert coordinator_client.get_receipts(job_id) == []
-    assert len(agent.outbox) == 0 and not agent.outbox.seen(job_id)
+    assert len(agent.outbox) == 0 and agent.outbox.state(job_id) is None
 
 
 def _downtime_run(tmp_path: Path, downtime_s: float) -> None:

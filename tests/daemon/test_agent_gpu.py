@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from miner.wire.errors import ErrorCode
 from miner.host.fakenvml import FakeGpu, FakeNvml
+from miner.wire.errors import ErrorCode
 from tests.daemon.helpers import ScriptedCoordinator, fake_miner, job
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
-from miner.wire.errors import DeviceError, ErrorCode
 from miner.outbox.store import Outbox, OutboxEntry
+from miner.wire.errors import DeviceError, ErrorCode
 from miner.wire.receipts import verify_receipt
 from runners.base import Job, RunResult
 from runners.fake import FakeRunner
@@ -57,7 +57,7 @@ def test_result_survives_500s_and_429_until_acknowledged(tmp_path: Path) -> None
     assert asyncio.run(agent.serve()) == 0
     assert len(coord.endpoint_calls("result")) == 4
     assert len(coord.results["j1"]) == 1
-    assert len(agent.outbox) == 0 and agent.outbox.seen("j1")
+    assert len(agent.outbox) == 0 and agent.outbox.state("j1") == "acked"
 
 
 def test_heartbeat_follows_every_job_end_with_the_true_inflight_count(tmp_path: Path) -> None:
@@ -104,10 +104,15 @@ def test_heartbeat_404_re_registers_after_flushing_the_outbox(tmp_path: Path) ->
 def test_outbox_is_delivered_before_registering(tmp_path: Path) -> None:
     """Outcomes left by a previous run go out before the miner registers again."""
     state = tmp_path / "state"
-    box = Outbox(state)
-    box.open()
-    box.put(OutboxEntry("old-1", "fail", {"error_code": "SHUTDOWN", "error_message": "bye", "metrics": {}}))
-    box.put(OutboxEntry("old-2", "result", {"result": {"output": "x"}, "metrics": {}}))
+
+    async def leave_outcomes() -> None:
+        box = Outbox(state)
+        await box.open()
+        await box.put(OutboxEntry("old-1", "fail", {"error_code": "SHUTDOWN", "error_message": "bye", "metrics": {}}))
+        await box.put(OutboxEntry("old-2", "result", {"result": {"output": "x"}, "metrics": {}}))
+        await box.aclose()
+
+    asyncio.run(leave_outcomes())
     coord = ScriptedCoordinator()
     agent = fake_miner(tmp_path, coord, exit_when_idle=0.2)
     assert asyncio.run(agent.serve()) == 0
@@ -129,10 +134,15 @@ def test_a_job_offered_again_after_delivery_is_not_run_twice(tmp_path: Path) -> 
 def test_a_job_offered_again_gets_the_outcome_the_miner_still_holds(tmp_path: Path) -> None:
     """Re-offered jobs whose outcome is pending or was rejected get that same outcome submitted, not a re-run."""
     state = tmp_path / "state"
-    box = Outbox(state)
-    box.open()
-    box.put(OutboxEntry("rej", "result", {"result": {"output": "refused once"}, "metrics": {}}))
-    box.reject("rej", "HTTP 409: not yours")
+
+    async def leave_a_rejected_outcome() -> None:
+        box = Outbox(state)
+        await box.open()
+        await box.put(OutboxEntry("rej", "result", {"result": {"output": "refused once"}, "metrics": {}}))
+        await box.reject("rej", "HTTP 409: not yours")
+        await box.aclose()
+
+    asyncio.run(leave_a_rejected_outcome())
     coord = ScriptedCoordinator([job("a"), job("a"), job("rej"), job("new")])
     coord.script("result", *[httpx.Response(503)] * 3)  # "a" is still pending when it is offered again
     agent = fake_miner(tmp_path, coord, max_jobs=2)
@@ -207,7 +217,7 @@ def test_runner_exception_fails_the_job_and_the_daemon_goes_on(tmp_path: Path) -
 
 def test_expired_job_is_failed_without_running(tmp_path: Path) -> None:
     """A job whose expires_at has passed is failed DEADLINE_EXCEEDED at once."""
-    past = (datetime.now(timezone.utc) - timedelta(seconds=5)).replace(tzinfo=None).isoformat()
+    past = (datetime.now(UTC) - timedelta(seconds=5)).replace(tzinfo=None).isoformat()
     coord = ScriptedCoordinator([job("late", expires_at=past)])
     agent = fake_miner(tmp_path, coord, max_jobs=1)
     assert asyncio.run(agent.serve()) == 0

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import structlog
 
 from miner.cli.main import main
+from miner.ops.logs import reset_logging
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     yield
-    structlog.reset_defaults()
+    reset_logging()
 
 
 def _config(tmp_path: Path, body: str) -> Path:
@@ -73,7 +73,7 @@ def test_unusable_state_folder_is_exit_1(tmp_path: Path, capsys: pytest.CaptureF
     blocker.write_text("not a folder")
     config = _config(tmp_path, BASE.format(state=blocker / "inner"))
     assert main(["run", "--config", str(config)]) == 1
-    assert "receipt key" in capsys.readouterr().err
+    assert "cannot use the state folder" in capsys.readouterr().err  # the lock is the first thing to touch it
 
 
 def test_max_jobs_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 
 from miner.daemon.client import CoordinatorClient, parse_assigned_job, parse_retry_after
+from miner.daemon.pacing import Backoff, TokenBucket, retry
 from miner.wire.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -20,7 +22,6 @@ from miner.wire.errors import (
     NotRegistered,
     RateLimited,
 )
-from miner.daemon.pacing import Backoff, TokenBucket, retry
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -88,7 +89,7 @@ def test_poll_parses_a_job_with_naive_and_aware_expiry() -> None:
     """A poll answer becomes an AssignedJob; naive timestamps are read as UTC."""
     for stamp in ("2026-11-28T17:08:59.765980", "2026-11-28T17:08:59.765980Z", "2026-11-28T18:08:59.765980+01:00"):
         job = parse_assigned_job({"job_id": "j1", "payload": {"model": "m", "prompt": "p"}, "expires_at": stamp})
-        assert job.expires_at == datetime(2026, 11, 28, 17, 8, 59, 765980, tzinfo=timezone.utc)
+        assert job.expires_at == datetime(2026, 11, 28, 17, 8, 59, 765980, tzinfo=UTC)
         assert job.payload_error is None
 
 
@@ -224,7 +225,7 @@ def test_retry_after_parsing(header: str | None, expected: float) -> None:
 def test_retry_after_http_date() -> None:
     """An HTTP-date Retry-After gives the seconds until that date."""
     assert (
-        parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now=datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp())
+        parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now=datetime(2026, 1, 1, tzinfo=UTC).timestamp())
         == 60
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from nacl.signing import SigningKey
 
@@ -15,7 +15,7 @@ from runners.base import ModelSpec, RunnerContext
 from runners.fake import FakeRunner
 
 KEY = SigningKey(b"\x22" * 32)
-NOW = datetime(2026, 11, 28, 17, 0, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 11, 28, 17, 0, 0, tzinfo=UTC).timestamp()
 
 
 def _executor() -> JobExecutor:
@@ -34,7 +34,7 @@ def _executor() -> JobExecutor:
 def test_time_allowed_comes_from_expires_at_then_ttl_then_the_cap() -> None:
     """expires_at (naive is UTC) wins, then ttl_seconds, then the default cap."""
     executor = _executor()
-    expiry = datetime(2026, 11, 28, 17, 2, 0, tzinfo=timezone.utc)
+    expiry = datetime(2026, 11, 28, 17, 2, 0, tzinfo=UTC)
     assert executor.seconds_left(AssignedJob("a", {}, expires_at=expiry, ttl_seconds=5)) == 120
     assert executor.seconds_left(AssignedJob("b", {}, ttl_seconds=5)) == 5
     assert executor.seconds_left(AssignedJob("c", {})) == DEFAULT_JOB_CAP_S

@@ -6,23 +6,13 @@ import asyncio
 import io
 import json
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 import structlog
 
-from miner.ops.logs import configure_logging, job_context, register_secret
+from miner.ops.logs import configure_logging, job_context, register_secret, reset_logging
 from runners.base import Job, RunResult
 from runners.fake import FakeRunner
 from tests.daemon.helpers import TEST_API_KEY, ScriptedCoordinator, fake_miner, job
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    configure_logging("info", "auto", stream=stream)
-    yield stream
-    structlog.reset_defaults()
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -49,7 +39,7 @@ def test_console_format_and_level_filter() -> None:
         log.info("hidden")
         log.warning("shown", n=1)
     finally:
-        structlog.reset_defaults()
+        reset_logging()
     text = stream.getvalue()
     assert "hidden" not in text and "shown" in text and not text.lstrip().startswith("{")
 
@@ -70,7 +60,7 @@ def test_daemon_logs_one_summary_per_job_and_never_the_prompt_or_key(tmp_path: P
     assert asyncio.run(agent.serve()) == 0
     text = log_stream.getvalue()
     assert "PRIVATE-PROMPT-TEXT" not in text and TEST_API_KEY not in text
-    summaries = {line["job_id"]: line for line in _lines(log_stream) if line["event"] == "job finished"}
+    summaries = {line["job_id"]: line for line in _lines(log_stream) if line["event"] == "job_finished"}
     assert summaries["j1"]["outcome"] == "completed" and summaries["j1"]["completion_tokens"]
     assert summaries["j2"]["outcome"] == "failed" and summaries["j2"]["code"] == "MODEL_NOT_SERVED"
     assert all(line["model"] for line in summaries.values())
@@ -100,7 +90,7 @@ def test_hostile_model_names_are_safe_in_logs_and_metrics(tmp_path: Path, log_st
     agent = fake_miner(tmp_path, coord, max_jobs=1)
     assert asyncio.run(agent.serve()) == 0
     assert coord.fails["j1"][0]["error_code"] == "MODEL_NOT_SERVED"
-    line = next(entry for entry in _lines(log_stream) if entry["event"] == "job finished")
+    line = next(entry for entry in _lines(log_stream) if entry["event"] == "job_finished")
     assert str(line["model"]).startswith("\\udc80") and len(str(line["model"])) < 200
     rendered = agent.metrics.render().decode()
     assert 'model="other"' in rendered and "mmmmmmmm" not in rendered

@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coordinator.client import Client
 from tests.minerconfig import write_miner_config
@@ -58,7 +59,7 @@ def _log_events(log_path: Path) -> list[dict[str, Any]]:
 
 def _claimed(log_path: Path, job_id: str) -> bool:
     """The miner has the job in hand (the coordinator shows RUNNING a moment earlier, at assignment)."""
-    return any(e["event"] == "job claimed" and e.get("job_id") == job_id for e in _log_events(log_path))
+    return any(e["event"] == "job_claimed" and e.get("job_id") == job_id for e in _log_events(log_path))
 
 
 def _sigterm_once_claimed(config: Path, log_path: Path, job_id: str) -> None:
@@ -84,7 +85,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
     assert coordinator_client.get_job(job_id)["state"] == "COMPLETED"
     assert coordinator_client.get_job(later)["state"] == "QUEUED"
     events = [e["event"] for e in _log_events(log_path)]
-    assert events.index("shutting down") < events.index("job finished") < events.index("miner stopped")
+    assert events.index("shutting_down") < events.index("job_finished") < events.index("miner_stopped")
 
 
 def test_sigterm_past_the_grace_period_hands_the_job_back(
@@ -103,7 +104,7 @@ def test_sigterm_past_the_grace_period_hands_the_job_back(
     log_path = tmp_path / "miner.log"
     _sigterm_once_claimed(config, log_path, job_id)
     assert coordinator_client.get_job(job_id)["state"] == "QUEUED"
-    finished = [e for e in _log_events(log_path) if e["event"] == "job finished"]
+    finished = [e for e in _log_events(log_path) if e["event"] == "job_finished"]
     assert [e["code"] for e in finished] == ["SHUTDOWN"]
 
 
@@ -138,8 +139,8 @@ def test_kill_9_before_acknowledgement_then_restart_delivers_once(tmp_path: Path
             receipts = client.get_receipts(job_id)
             assert len(receipts) == 1 and receipts[0]["job_id"] == job_id
     second_run = [e["event"] for e in _log_events(log_path)[first_run_lines:]]
-    assert "job claimed" not in second_run  # delivered from the outbox, not run again
-    assert second_run.index("outbox holds undelivered outcomes; delivering them first") < second_run.index(
-        "registered with the coordinator"
+    assert "job_claimed" not in second_run  # delivered from the outbox, not run again
+    assert second_run.index("outbox_undelivered_outcomes") < second_run.index(
+        "registered"
     )
     assert not list((state_dir / "outbox").glob("*.json"))

@@ -21,9 +21,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request

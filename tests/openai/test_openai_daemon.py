@@ -12,9 +12,9 @@ from typing import Any
 from coordinator.client import Client
 from miner.daemon.keyfile import KEY_FILE_NAME, load_key
 from miner.wire.receipts import verify_receipt
+from tests.minerconfig import write_miner_config
 from tests.openai.conftest import Engine
 from tests.openai.helpers import make_job, make_runner, wait_until
-from tests.minerconfig import write_miner_config
 from tests.servers import RunningCoordinator
 
 PROMPT = "The miner claims a job"

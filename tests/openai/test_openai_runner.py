@@ -158,7 +158,7 @@ def test_engine_that_does_not_stream_is_read_as_one_answer(engine: Engine) -> No
 
 
 def test_only_models_the_engine_lists_are_ready(engine: Engine) -> None:
-    """ready_models() names configured models the engine lists; health says why the others are not."""
+    """ready_models() names configured models the engine lists; one warning says which are not and why."""
     from runners.base import ModelSpec
 
     specs = [
@@ -168,16 +168,18 @@ def test_only_models_the_engine_lists_are_ready(engine: Engine) -> None:
 
     async def scenario():
         runner = OpenAIRunner(specs, RunnerContext())
-        await runner.start()
+        with structlog.testing.capture_logs() as logs:
+            await runner.start()
         try:
-            return runner.ready_models(), await runner.health()
+            return runner.ready_models(), logs
         finally:
             await runner.aclose()
 
-    ready, health = asyncio.run(scenario())
+    ready, logs = asyncio.run(scenario())
     assert ready == ["llama2"]
-    assert health.ok and health.models["llama2"] == "ready"
-    assert health.models["mistral"] == "unavailable: the engine does not list 'mistral-7b'"
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["event"] == "engine_models_not_listed"
+    assert warnings[0]["served_models"] == ["mistral-7b"] and warnings[0]["models"] == ["mistral"]
 
 
 def test_api_key_is_sent_and_never_logged(engine: Engine, tmp_path: Path) -> None:
@@ -205,7 +207,7 @@ def test_api_key_is_sent_and_never_logged(engine: Engine, tmp_path: Path) -> Non
     ok_ready, bad_ready, result, error, logs = asyncio.run(scenario())
     assert ok_ready == ["llama2"] and result.output
     assert bad_ready == [] and error.code == ErrorCode.BACKEND_UNAVAILABLE and "API key" in error.message
-    assert any("refused the API key" in entry["event"] for entry in logs)
+    assert any("refused the API key" in str(entry.get("problem")) for entry in logs)
     assert "sk-" not in repr(logs) and "sk-" not in str(error)
 
 

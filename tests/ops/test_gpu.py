@@ -9,16 +9,23 @@ import re
 import pytest
 from structlog.testing import capture_logs
 
-from miner.wire.errors import ConfigError
-from miner.host.fakenvml import FakeGpu, FakeNvml, h200s
 from miner.daemon.capabilities import cuda_of, gpu_capability
+from miner.host.fakenvml import FakeGpu, FakeNvml, h200s
 from miner.host.nvml import Nvml, format_cuda_version, free_vram_mb, probe_gpus, read_gpu_stats
+from miner.wire.errors import ConfigError
 
 
 def two_gpus(**kwargs) -> FakeNvml:
     return FakeNvml(
         [
-            FakeGpu("NVIDIA H200", memory_total_mb=143771, memory_used_mb=1024, utilization_pct=37, temperature_c=48, power_w=212.5),
+            FakeGpu(
+                "NVIDIA H200",
+                memory_total_mb=143771,
+                memory_used_mb=1024,
+                utilization_pct=37,
+                temperature_c=48,
+                power_w=212.5,
+            ),
             FakeGpu("NVIDIA GeForce RTX 3090", memory_total_mb=24576, memory_used_mb=576, compute_capability=(8, 6)),
         ],
         **kwargs,
@@ -61,7 +68,7 @@ def test_lost_gpu_is_skipped_at_probe_with_one_warning() -> None:
     with capture_logs() as logs:
         gpus = probe_gpus(nvml)
     assert [g.index for g in gpus] == [1]
-    assert [e["event"] for e in logs] == ["GPU 0 is not usable (NVML: GPU is lost); skipping it"]
+    assert [(e["event"], e["gpu"], e["error"]) for e in logs] == [("gpu_unusable_skipped", 0, "GPU is lost")]
 
 
 def test_lost_gpu_keeps_identity_with_blank_readings() -> None:
@@ -102,8 +109,7 @@ def test_no_driver_logs_one_line_and_returns_empty(error: str) -> None:
         assert probe_gpus(FakeNvml(init_error=error)) == []
     assert len(logs) == 1
     assert logs[0]["log_level"] == "warning"
-    assert logs[0]["event"].startswith("no NVIDIA driver found (NVML: ")
-    assert logs[0]["event"].endswith("); running in CPU mode")
+    assert logs[0]["event"] == "no_nvidia_driver_cpu_mode" and logs[0]["reason"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pynvml") is None, reason="nvidia-ml-py not installed")
@@ -112,7 +118,7 @@ def test_real_pynvml_on_this_host_never_raises() -> None:
     with capture_logs() as logs:
         gpus = probe_gpus()
     if not gpus:
-        assert [e["event"] for e in logs if "CPU mode" in e["event"]], logs
+        assert [e["event"] for e in logs if e["event"] == "no_nvidia_driver_cpu_mode"], logs
     for gpu in gpus:  # on a GPU host: the real driver's answers have the expected shapes
         assert gpu.uuid.startswith(("GPU-", "MIG-")) and gpu.memory_total_mb > 0 and gpu.name
         assert gpu.cuda_version is None or re.fullmatch(r"\d+\.\d+", gpu.cuda_version)

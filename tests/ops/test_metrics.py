@@ -51,7 +51,9 @@ def test_job_outcomes_tokens_and_units() -> None:
     """job_finished counts by outcome and code, and derives tokens/s and units from completed jobs only."""
     m = MinerMetrics()
     m.job_finished(model="llama2", outcome="completed", error_code=None, duration_s=2.0, completion_tokens=100)
-    m.job_finished(model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=10, units=0.75)
+    m.job_finished(
+        model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=10, units=0.75
+    )
     m.job_finished(model="llama2", outcome="failed", error_code="OUT_OF_MEMORY", duration_s=0.5, completion_tokens=None)
     m.job_finished(model="llama2", outcome="cancelled", error_code="CANCELLED", duration_s=0.1, completion_tokens=3)
     assert value(m, "aitbc_miner_jobs_total", model="llama2", outcome="completed", error_code="none") == 2
@@ -204,14 +206,18 @@ def test_summary_lines() -> None:
     """summarise turns a scrape into the short lines `aitbc-miner status` prints."""
     m = MinerMetrics()
     m.job_finished(model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=5)
-    m.job_finished(model="llama2", outcome="failed", error_code="INSUFFICIENT_VRAM", duration_s=0.0, completion_tokens=None)
+    m.job_finished(
+        model="llama2", outcome="failed", error_code="INSUFFICIENT_VRAM", duration_s=0.0, completion_tokens=None
+    )
     m.set_inflight(1)
     m.heartbeat_ok(1000.0)
     m.set_gpu_stats([H200])
     m.set_loaded_models(["llama2"])
     lines = summarise(m.render().decode(), 503, "draining: not claiming\n", now=1004.0)
     assert lines[0].endswith("UNHEALTHY: draining: not claiming")
-    assert lines[1] == "jobs: 1 completed, 1 failed, 0 cancelled (INSUFFICIENT_VRAM x1); 1 in flight; 0 waiting in the outbox"
+    assert lines[1] == (
+        "jobs: 1 completed, 1 failed, 0 cancelled (INSUFFICIENT_VRAM x1); 1 in flight; 0 waiting in the outbox"
+    )
     assert lines[2] == "last heartbeat: 4s ago"
     assert lines[3] == "models ready: llama2"
     assert lines[4] == "GPU 0 NVIDIA H200: 42.7/140.4 GiB, 40% busy, 51 C, 210 W"

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.client import Client
 from miner.daemon.agent import Agent
-from miner.host.fakenvml import FakeGpu, FakeNvml
 from miner.daemon.settings import load_settings
+from miner.host.fakenvml import FakeGpu, FakeNvml
 from tests.servers import RunningCoordinator
 
 GIB = 1024**3

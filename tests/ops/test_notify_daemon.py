@@ -81,4 +81,4 @@ def test_daemon_sends_ready_watchdog_stopping_in_order(
     assert ready < watchdogs[0] < stopping, lines
     assert lines.count("READY=1") == 1 and lines.count("STOPPING=1") == 1
     assert any(line.startswith("STATUS=") and "1 completed" in line for line in lines[ready:stopping]), lines
-    assert '"event": "miner stopped"' in output
+    assert '"event": "miner_stopped"' in output

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from miner.wire.errors import ConfigError
-from miner.host.fakenvml import FakeNvml, h200s
 from miner.cli.probe import gather, render_text
 from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
-from miner.wire.receipts import key_id
 from miner.daemon.settings import DEFAULT_CONFIG
+from miner.host.fakenvml import FakeNvml, h200s
+from miner.wire.errors import ConfigError
+from miner.wire.receipts import key_id
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,4 +92,4 @@ def test_probe_cli_without_config_prints_hardware_as_json(tmp_path: Path) -> Non
     report = json.loads(proc.stdout)
     assert report["capabilities"] is None and isinstance(report["gpus"], list)
     if not report["gpus"]:
-        assert "running in CPU mode" in proc.stderr
+        assert "no_nvidia_driver_cpu_mode" in proc.stderr

@@ -6,8 +6,8 @@ the long versions are also marked ``slow`` and run with ``--run-slow`` (``make t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -129,7 +129,7 @@ class CrashCampaign:
             fired = threading.Event()
 
             def on_event(event: dict[str, Any]) -> None:
-                if event.get("event") == "job finished" and not fired.is_set():
+                if event.get("event") == "job_finished" and not fired.is_set():
                     miner.kill()  # from the reader thread, as soon as the line arrives
                     target["job"] = event.get("job_id")
                     fired.set()
@@ -141,7 +141,7 @@ class CrashCampaign:
                 return None
             return target["job"]
         if aim == "during_run":
-            claimed = miner.wait_event(lambda e: e.get("event") == "job claimed", TRIGGER_TIMEOUT_S)
+            claimed = miner.wait_event(lambda e: e.get("event") == "job_claimed", TRIGGER_TIMEOUT_S)
             if claimed is None:
                 return None
             threading.Event().wait(self.rng.uniform(0.0, RUN_DELAY_S * 0.8))
@@ -168,7 +168,7 @@ class CrashCampaign:
         acked = job_id in acked_ids(self.state_dir)
         records = [r for r in proxy.snapshot()[since:] if r.endpoint == "result" and r.job_id == job_id]
         accepted = any(r.upstream_status is not None and 200 <= r.upstream_status < 300 for r in records)
-        finished = any(e.get("event") == "job finished" and e.get("job_id") == job_id for e in miner.events)
+        finished = any(e.get("event") == "job_finished" and e.get("job_id") == job_id for e in miner.events)
         if acked:
             return "ack_recorded" if in_outbox else "after_ack"
         if in_outbox:

@@ -8,8 +8,9 @@ for the kinds); a *plan* is any callable ``Request -> Fault``; every exchange le
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import unquote
 
 ENDPOINTS = ("register", "heartbeat", "poll", "result", "fail")

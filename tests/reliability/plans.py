@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from tests.reliability.faults import PASS, Fault, Record, Request
 

@@ -39,8 +39,8 @@ async def _sample(path: Path, interval: float, snapshot_at: list[float]) -> None
 async def _serve(config: Path, samples: Path, interval: float, exit_when_idle: float | None,
                  snapshot_at: list[float]) -> int:
     from miner.daemon.agent import Agent
-    from miner.ops.logs import configure_logging
     from miner.daemon.settings import load_settings
+    from miner.ops.logs import configure_logging
 
     settings = load_settings(config)
     configure_logging(settings.log.level, settings.log.format)

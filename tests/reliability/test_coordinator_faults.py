@@ -83,7 +83,7 @@ def test_every_fault_kind_is_ridden_out_and_every_result_delivered_once(
     assert expected <= set(kinds), f"not injected: {expected - set(kinds)}"
     assert retry_after_violations(records) == []
     assert _crash_signs(miner) == []
-    assert "the coordinator does not know this miner; registering again" in miner.names()
+    assert "miner_unknown_to_coordinator" in miner.names()
 
 
 def test_a_poll_answer_lost_after_assignment_does_not_strand_the_job(
@@ -130,7 +130,7 @@ def test_a_coordinator_that_forgets_the_miner_loses_no_result(
     try:
         with Client(rel_coordinator.url, rel_coordinator.client_key) as client:
             job_id = client.submit_job({"model": "llama2", "prompt": "remember me"}, ttl_seconds=60)["job_id"]
-            assert miner.wait_event(lambda e: e.get("event") == "job claimed", 30) is not None
+            assert miner.wait_event(lambda e: e.get("event") == "job_claimed", 30) is not None
             armed.set()
             final = client.wait(job_id, 40)
             assert final["state"] == "COMPLETED", (final, miner.log_text())
@@ -140,7 +140,7 @@ def test_a_coordinator_that_forgets_the_miner_loses_no_result(
         assert miner.terminate(30) == 0
     finally:
         miner.stop()
-    assert "the coordinator does not know this miner; registering again" in miner.names()
+    assert "miner_unknown_to_coordinator" in miner.names()
     assert not list((tmp_path / "state" / "outbox" / "rejected").glob("*"))
 
 

@@ -8,7 +8,8 @@ import hashlib
 import json
 import queue
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -78,7 +79,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
                                   state_dir=tmp / "state", concurrency=2, model={"delay_s": 0.0})
             miner = MinerProcess(config).start()
             try:
-                assert miner.wait_event(lambda e: e.get("event") == "registered with the coordinator", 30), miner.log_text()
+                assert miner.wait_event(lambda e: e.get("event") == "registered", 30), miner.log_text()
                 yield Bench(coordinator, proxy, miner, client, swap)
                 assert miner.proc is not None and miner.proc.poll() is None, "the daemon died"
                 assert miner.terminate(30) == 0, miner.log_text()

@@ -1,8 +1,8 @@
 """An example third-party runner for aitbc-miner: it answers a job with its own input.
 
 It shows everything a plugin needs and nothing more: options validated at start, a
-``run`` that watches the job's cancel flag and deadline, honest ``ready_models``, health
-and close. Options in a ``[[models]]`` table with ``runner = "echo"``:
+``run`` that watches the job's cancel flag and deadline, honest ``ready_models`` and
+close. Options in a ``[[models]]`` table with ``runner = "echo"``:
 
 ``mode``            ``echo`` (default) returns the input, ``reverse`` returns it reversed
 ``delay_s``         seconds each job takes (default 0), to watch cancellation work
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runners.api import ErrorCode, Job, JobError, ModelSpec, RunnerContext, RunnerHealth, RunResult, apply_stop, parse_options
+from runners.api import ErrorCode, Job, JobError, ModelSpec, RunnerContext, RunResult, apply_stop, parse_options
 
 __version__ = "0.1.0"
 
@@ -81,9 +82,6 @@ class EchoRunner:
             if left <= 0:
                 return
             await asyncio.sleep(min(left, 0.02))
-
-    async def health(self) -> RunnerHealth:
-        return RunnerHealth(ok=not self._closed, models={name: "ready" for name in self.ready_models()})
 
     async def aclose(self) -> None:
         self._closed = True

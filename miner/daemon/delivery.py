@@ -1,7 +1,7 @@
 """Delivery: from the outbox to the coordinator, until each outcome is acknowledged.
 
-:class:`Deliverer` stores an outcome (``Outbox.put`` in a worker thread), submits it, and
-acknowledges or rejects it by the answer:
+:class:`Deliverer` stores an outcome (``await Outbox.put``: the outbox's writer thread does
+the disk work), submits it, and acknowledges or rejects it by the answer:
 
 * 2xx → acknowledged: removed from the outbox;
 * any other 4xx but 401/403/429 (``job not found``, ``409`` already settled, ``422``)
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import structlog
 
 from miner.daemon.client import CoordinatorClient
+from miner.daemon.pacing import Backoff
+from miner.outbox.store import Outbox, OutboxEntry
 from miner.wire.errors import (
     AuthenticationFailed,
     CoordinatorError,
@@ -32,10 +34,8 @@ from miner.wire.errors import (
     RateLimited,
     StateError,
 )
-from miner.outbox.store import Outbox, OutboxEntry
-from miner.daemon.pacing import Backoff
 
-log = structlog.get_logger("miner.outbox.delivery")
+log = structlog.get_logger("miner.daemon.delivery")
 
 AUTH_RETRY_S = 30.0
 DISK_PROBE_S = 5.0
@@ -82,11 +82,15 @@ class Deliverer:
             self._on_depth(len(self.outbox))
 
     async def store(self, entry: OutboxEntry) -> bool:
-        """Persist ``entry`` before submitting it. False when only kept in memory (disk trouble)."""
+        """Persist ``entry`` before submitting it. False when only kept in memory (disk trouble).
+
+        An entry that cannot be encoded raises ``ValueError``/``TypeError`` for the caller
+        (the job fails); the outbox is left as it was.
+        """
         try:
-            await asyncio.to_thread(self.outbox.put, entry)
+            await self.outbox.put(entry)
         except StateError as exc:
-            log.error("outcome kept in memory only; the state folder refused it", job_id=entry.job_id, error=str(exc))
+            log.error("outcome_kept_in_memory", job_id=entry.job_id, error=str(exc))
             if self._on_disk_change is not None:
                 self._on_disk_change(False, self.outbox.reason)
             self.wake.set()  # the flusher probes the disk
@@ -118,18 +122,18 @@ class Deliverer:
                 raise
             except CoordinatorRejected as exc:
                 log.warning(
-                    "the coordinator will not accept this outcome; moved to outbox/rejected",
+                    "outcome_rejected",
                     job_id=entry.job_id,
                     kind=entry.kind,
                     status=exc.status,
                     reason=str(exc),
                 )
-                await asyncio.to_thread(self.outbox.reject, entry.job_id, str(exc))
+                await self.outbox.reject(entry.job_id, str(exc))
                 self.rejected += 1
                 return True
-            await asyncio.to_thread(self.outbox.ack, entry.job_id, remember=not hands_back(entry))
+            await self.outbox.ack(entry.job_id, remember=not hands_back(entry))
             self.delivered += 1
-            log.debug("outcome acknowledged", job_id=entry.job_id, kind=entry.kind)
+            log.debug("outcome_acknowledged", job_id=entry.job_id, kind=entry.kind)
             return True
         finally:
             self._busy.discard(entry.job_id)
@@ -141,7 +145,7 @@ class Deliverer:
             return await self.deliver(entry)
         except CoordinatorError as exc:
             log.warning(
-                "could not deliver the outcome yet; it stays in the outbox", job_id=entry.job_id, error=str(exc)
+                "outcome_delivery_deferred", job_id=entry.job_id, error=str(exc)
             )
             self.wake.set()
             return False
@@ -175,12 +179,12 @@ class Deliverer:
             except RateLimited as exc:
                 delay = exc.retry_after
             except AuthenticationFailed as exc:
-                log.error("the coordinator refuses the miner's credentials", error=str(exc))
+                log.error("credentials_refused", error=str(exc))
                 delay = AUTH_RETRY_S
             except CoordinatorError as exc:
                 delay = backoff.next_delay()
                 log.warning(
-                    "outbox delivery failed; retrying",
+                    "outbox_delivery_failed",
                     error=str(exc),
                     pending=len(self.outbox),
                     retry_in_s=round(delay, 2),
@@ -217,24 +221,24 @@ class Deliverer:
             await self.flush()
         except NotRegistered:
             delay = None  # registering again wakes us
-            log.warning("the coordinator does not know this miner; delivery resumes once it is registered")
+            log.warning("delivery_waiting_for_registration")
         except RateLimited as exc:
             delay = exc.retry_after
-            log.warning("result delivery rate limited", retry_in_s=round(delay, 1), pending=len(self.outbox))
+            log.warning("delivery_rate_limited", retry_in_s=round(delay, 1), pending=len(self.outbox))
         except AuthenticationFailed as exc:
             delay = AUTH_RETRY_S
-            log.error("the coordinator refuses the miner's credentials", error=str(exc), retry_in_s=delay)
+            log.error("credentials_refused", error=str(exc), retry_in_s=delay)
         except CoordinatorError as exc:
             delay = self._backoff.next_delay()
             log.warning(
-                "outbox delivery failed; retrying",
+                "outbox_delivery_failed",
                 error=str(exc),
                 pending=len(self.outbox),
                 retry_in_s=round(delay, 2),
             )
         except Exception as exc:  # a bug must not stop delivery for good
             delay = self._backoff.next_delay()
-            log.error("unexpected error delivering the outbox; retrying", error_type=type(exc).__name__, exc_info=True)
+            log.error("outbox_delivery_unexpected_error", error_type=type(exc).__name__, exc_info=True)
         else:
             self._backoff.reset()
             # Entries still listed are being delivered inline; a failure there wakes us.
@@ -242,6 +246,10 @@ class Deliverer:
         return delay
 
     async def _probe_disk(self) -> None:
-        if await asyncio.to_thread(self.outbox.recover):
-            if self._on_disk_change is not None:
-                self._on_disk_change(True, "")
+        try:
+            healthy = await self.outbox.recover()
+        except Exception as exc:  # a bug must not stop the flusher
+            log.error("state_folder_probe_error", error_type=type(exc).__name__, exc_info=True)
+            return
+        if healthy and self._on_disk_change is not None:
+            self._on_disk_change(True, "")
