@@ -118,7 +118,7 @@ class DaemonBench:
         )
         self.agent = Agent(settings, runner_classes={"transformers": TimedRunner}, handle_signals=False)
         self.task = asyncio.create_task(self.agent.serve())
-        while not (self.agent.session.registered and self.agent.runtime is not None):
+        while not (self.agent.session is not None and self.agent.session.registered):
             if self.task.done():
                 self.task.result()
                 raise RuntimeError("the daemon stopped during start-up")
