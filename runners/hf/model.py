@@ -122,7 +122,7 @@ def load_model(entry: ModelEntry, tokenizer: Any) -> LoadedModel:
     hf_logging.disable_default_handler()  # its lines reach the root logger, which the daemon formats
     hf_logging.enable_propagation()
     log.info(
-        "model_loading",
+        "model_weights_loading",
         model=entry.name,
         path=str(entry.folder),
         revision=entry.revision,
