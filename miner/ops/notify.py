@@ -2,8 +2,8 @@
 
 Under ``Type=notify`` systemd passes ``$NOTIFY_SOCKET`` (a unix datagram socket path, or
 ``@name`` for an abstract socket) and, with ``WatchdogSec=``, ``$WATCHDOG_USEC`` (and
-sometimes ``$WATCHDOG_PID``). The daemon says ``READY=1`` once it is registered and
-serving, ``WATCHDOG=1`` from its heartbeat loop, ``STATUS=...`` as a one-line summary for
+sometimes ``$WATCHDOG_PID``). The daemon says ``READY=1`` once its models are loaded
+(registering follows), ``WATCHDOG=1`` from its watchdog loop, ``STATUS=...`` as a one-line summary for
 ``systemctl status``, and ``STOPPING=1`` when it starts draining.
 
 Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op.

@@ -52,7 +52,7 @@ def write_config(tmp_path: Path, coordinator: RunningCoordinator) -> Path:
 def test_daemon_sends_ready_watchdog_stopping_in_order(
     tmp_path: Path, coordinator: RunningCoordinator, coordinator_client: Client
 ) -> None:
-    """`aitbc-miner run` says READY=1 once registered, pings WATCHDOG=1, runs a job, and says STOPPING=1 on SIGTERM, then exits 0."""
+    """`aitbc-miner run` says READY=1 once its models are loaded, pings WATCHDOG=1, runs a job, and says STOPPING=1 on SIGTERM, then exits 0."""
     receiver = NotifyReceiver(tmp_path / "notify.sock")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AITBC_MINER_") and k != "CREDENTIALS_DIRECTORY"}
     env.update(NOTIFY_SOCKET=str(receiver.path), WATCHDOG_USEC="1000000")
