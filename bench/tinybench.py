@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The "tiny" model of /work/shared/PERFORMANCE.md: 11.6 M parameters, 16,384-entry tokenizer.
+# The "tiny" benchmark model: 11.6 M parameters with a 16,384-entry tokenizer.
 TINY_SHAPE: dict[str, Any] = {
     "hidden": 256,
     "layers": 4,

@@ -189,7 +189,7 @@ class Agent:
         s = self.settings
         self.lock.acquire()
         api_key = s.api_key()
-        for secret in [api_key, *s.secret_values()]:
+        for secret in s.secret_values():  # the coordinator key among them
             register_secret(secret)
         key = await asyncio.to_thread(load_or_create_key, s.state_dir / KEY_FILE_NAME)
         self.key_id = key_id(key.verify_key)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from miner.outbox.writer import fsync_dir
 from miner.wire.errors import ConfigError, StateError
 
 KEY_FILE_NAME = "receipt-key.ed25519"
@@ -47,11 +48,7 @@ def write_key(path: Path, key: SigningKey) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def load_key(path: Path) -> SigningKey:
