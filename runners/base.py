@@ -11,6 +11,11 @@ A runner serves one or more configured models (``[[models]]`` entries naming it)
 4. ``ready_models()`` at any time says what may be advertised now;
 5. ``await aclose()`` once.
 
+Optional, for claiming that follows what the runner can take: ``capacity()`` (how many
+jobs it could hold at once right now, those it holds included) and ``max_capacity()`` (the
+most it ever holds); either may return ``None`` for "no limit of its own". A runner
+without them gets one job per GPU (one on the CPU) unless the owner sets ``concurrency``.
+
 The fake runner (:mod:`runners.fake`) is the smallest complete example.
 """
 
@@ -71,6 +76,7 @@ class GpuInfo:
     utilization_pct: float | None = None
     temperature_c: float | None = None
     power_w: float | None = None
+    pci_bus_id: str | None = None  # "00000000:18:00.0": how torch's numbering is matched to NVML's
 
 
 @dataclass
@@ -143,6 +149,7 @@ class RunResult:
     model_revision: str | None = None
     device: str = "cpu"
     gpu_uuid: str | None = None
+    gpu_uuids: tuple[str, ...] = ()  # every GPU the job used, when a model is sharded over several
     gpu_seconds: float | None = None  # device time used; the daemon uses wall time when None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -9,6 +9,13 @@ job re-run anywhere gives the same text. Options in the ``[[models]]`` table:
 ``fail_mode``      ``none`` | ``error`` | ``oom`` | ``exception`` | ``hang``
 ``fail_marker``    when set, ``fail_mode`` applies only to prompts containing it
 ``max_new_tokens`` the default and the cap for a job's ``max_new_tokens``
+``devices``        the GPUs it pretends to run on (as :mod:`runners.placement` reads them);
+                   by default a copy per GPU of the miner, each job on the least busy copy
+``device``         ``cpu`` to ignore the miner's GPUs
+``max_batch_size`` jobs one copy holds at once (default: no limit of its own; the miner's
+                   ``concurrency`` then decides)
+``vram_per_job_mb`` with ``max_batch_size``: each job needs this much free GPU memory
+                   (as NVML reports it now), so claiming follows the simulated GPU's memory
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from miner.wire.errors import ErrorCode, JobError
 from miner.wire.receipts import canonical_json
 from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.params import apply_stop
+from runners.placement import Placement, place_model
 
 _WORDS = (
     "gpu", "tensor", "block", "token", "lattice", "kernel", "ledger", "miner", "proof",
@@ -41,6 +49,10 @@ class FakeOptions(BaseModel):
     fail_mode: Literal["none", "error", "oom", "exception", "hang"] = "none"
     fail_marker: str | None = None
     max_new_tokens: int = Field(32, ge=1, le=100_000)
+    devices: list[int | str] | None = Field(None, min_length=1)
+    device: Literal["cpu"] | None = None
+    max_batch_size: int | None = Field(None, ge=1, le=1024)
+    vram_per_job_mb: int | None = Field(None, ge=1)
 
 
 def fake_text(model: str, prompt_key: str, seed: int | None, n_words: int) -> str:
@@ -62,11 +74,17 @@ class FakeRunner:
     def __init__(self, specs: Sequence[ModelSpec], context: RunnerContext) -> None:
         self._specs = {spec.name: spec for spec in specs}
         self._options: dict[str, FakeOptions] = {}
+        self._copies: dict[str, list[Placement]] = {}
+        self._load: dict[str, int] = {}  # placement key -> jobs running there
         self._context = context
         self._closed = False
 
     async def start(self) -> None:
         self._options = {name: parse_options(FakeOptions, spec) for name, spec in self._specs.items()}
+        self._copies = {
+            name: place_model(f"models[name={name!r}]", self._context.gpus, o.devices, o.device)
+            for name, o in self._options.items()
+        }
         delay = max((o.load_delay_s for o in self._options.values()), default=0.0)
         if delay:
             await asyncio.sleep(delay)
@@ -85,7 +103,12 @@ class FakeRunner:
             prompt_key = canonical_json(list(request.messages or ())).decode()
         failing = options.fail_mode != "none" and (options.fail_marker is None or options.fail_marker in prompt_key)
         started = time.monotonic()
-        await self._wait(job, None if failing and options.fail_mode == "hang" else options.delay_s)
+        copy = min(self._copies[job.model], key=lambda p: self._load.get(p.key, 0))
+        self._load[copy.key] = self._load.get(copy.key, 0) + 1
+        try:
+            await self._wait(job, None if failing and options.fail_mode == "hang" else options.delay_s)
+        finally:
+            self._load[copy.key] -= 1
         if failing:
             if options.fail_mode == "error":
                 raise JobError(ErrorCode.RUNNER_ERROR, "the fake runner was configured to fail this job")
@@ -95,7 +118,6 @@ class FakeRunner:
                 raise RuntimeError("the fake runner raised an unexpected exception")
         n_words = min(request.params.max_new_tokens or options.max_new_tokens, options.max_new_tokens)
         text, stopped = apply_stop(fake_text(job.model, prompt_key, request.params.seed, n_words), request.params.stop)
-        gpu = self._context.gpus[0] if self._context.gpus else None
         return RunResult(
             output=text,
             finish_reason="stop" if stopped else "length",
@@ -104,9 +126,32 @@ class FakeRunner:
             ttft_ms=0.0,
             model_revision="fake-1",
             device="cpu",
-            gpu_uuid=gpu.uuid if gpu else None,
+            gpu_uuid=copy.gpu_uuid,
+            gpu_uuids=copy.uuids if len(copy.gpus) > 1 else (),
             gpu_seconds=time.monotonic() - started,
         )
+
+    def capacity(self) -> int | None:
+        """Jobs the copies could hold now; ``None`` when no model sets ``max_batch_size``."""
+        if self._closed:
+            return 0
+        total, limited = 0, False
+        for name, options in self._options.items():
+            if options.max_batch_size is None:
+                continue
+            limited = True
+            for copy in self._copies[name]:
+                room = options.max_batch_size
+                probe = self._context.free_vram_mb
+                if options.vram_per_job_mb and copy.gpus and probe is not None:
+                    free = min((probe(g.index) or 0) for g in copy.gpus)
+                    room = min(room, free // options.vram_per_job_mb)  # simulated jobs take no real memory
+                total += room
+        return total if limited else None
+
+    def max_capacity(self) -> int | None:
+        sizes = [(o.max_batch_size, len(self._copies[n])) for n, o in self._options.items() if o.max_batch_size]
+        return sum(size * copies for size, copies in sizes) if sizes else None
 
     async def _wait(self, job: Job, seconds: float | None) -> None:
         """Sleep ``seconds`` (forever when ``None``), stopping early on cancel or deadline."""

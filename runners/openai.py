@@ -19,6 +19,9 @@ Options in a ``[[models]]`` table with ``runner = "openai"``:
 ``param_names``         rename or drop job parameters the engine spells differently, e.g.
                         ``{ repetition_penalty = "repeat_penalty" }``; ``""`` drops one
 ``extra_body``          fixed fields merged into every request body (job parameters win)
+``max_concurrent``      jobs of this model sent to the engine at once (default 16): engines
+                        batch continuously, so claiming keeps this many in flight while the
+                        engine serves the model (the miner's ``concurrency`` caps the total)
 
 The miner advertises a model only while its engine is reachable and lists it; a
 background task re-checks every ``recheck_interval_s``, so an engine restart is followed
@@ -77,6 +80,7 @@ class OpenAIOptions(BaseModel):
     check_models: bool = True
     param_names: dict[str, str] = Field(default_factory=dict)
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    max_concurrent: int = Field(16, ge=1, le=1024)
 
     @field_validator("base_url")
     @classmethod
@@ -174,6 +178,14 @@ class OpenAIRunner:
         if self._client is None:
             return []
         return [name for name, served in self._served.items() if served.unready_reason() is None]
+
+    def capacity(self) -> int:
+        """Jobs the engines can take now: ``max_concurrent`` of each model they serve."""
+        ready = set(self.ready_models())
+        return sum(s.options.max_concurrent for name, s in self._served.items() if name in ready)
+
+    def max_capacity(self) -> int:
+        return sum(s.options.max_concurrent for s in self._served.values())
 
     async def aclose(self) -> None:
         for task in self._tasks:

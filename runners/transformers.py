@@ -5,6 +5,14 @@ Options of a ``[[models]]`` entry are documented in :mod:`runners.hf.options`. S
 
 - only configured models, from safetensors, never with ``trust_remote_code``; a model that
   would need either is refused at start with a ConfigError;
+- each model runs where :mod:`runners.placement` puts it (by default a copy on each of the
+  miner's GPUs; ``devices`` picks GPUs or shards one copy over several). A GPU is matched
+  to torch's device by UUID or PCI bus id (:mod:`runners.hf.gpumap`), so the GPU whose
+  memory is checked, the one that runs the batch and the receipt's ``gpu_uuid`` are the
+  same. When NVML sees GPUs but torch cannot use CUDA, start stops with one line naming
+  torch's build, the driver's CUDA version and the fix: never a silent CPU fallback;
+- each job goes to the copy with the fewest jobs; :meth:`TransformersRunner.capacity`
+  tells claiming how many jobs the devices can hold now (batch room and free memory);
 - one worker thread per device (:mod:`runners.hf.worker`) keeps the device's models warm
   (least recently used evicted when memory is short), batches jobs for the same model
   dynamically and runs ``generate`` under ``torch.inference_mode()``;
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,7 +36,8 @@ import structlog
 
 from miner.wire.errors import ConfigError, DeviceError, ErrorCode, JobError
 from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
-from runners.hf.options import TransformersOptions
+from runners.hf.options import CPU_PLAN, DevicePlan, TransformersOptions
+from runners.placement import Placement, place_model
 
 if TYPE_CHECKING:
     from runners.hf.model import LoadedModel, ModelEntry
@@ -54,58 +64,98 @@ class TransformersRunner:
         self._context = context
         self._entries: dict[str, ModelEntry] = {}
         self._workers: dict[str, DeviceWorker] = {}
-        self._route: dict[str, DeviceWorker] = {}
+        self._route: dict[str, list[DeviceWorker]] = {}  # model -> its copies' workers
+        self._load: dict[str, int] = {}  # worker key -> jobs waiting or running there
         self._started = False
         self._closed = False
 
     async def start(self) -> None:
         """Check every model, start a worker per device, preload and warm up; ConfigError if unusable."""
         options = {spec.name: parse_options(TransformersOptions, spec) for spec in self._specs}
+        placements = {
+            name: place_model(f"models[name={name!r}]", self._context.gpus, opts.devices, opts.device)
+            for name, opts in options.items()
+        }
         if not available():
             raise ConfigError(
                 "runner 'transformers' needs torch, transformers and safetensors; "
                 "install them with: pip install 'aitbc-miner[transformers]'"
             )
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before torch numbers the GPUs
+        plans = await asyncio.to_thread(self._plan, placements)
         from runners.hf.model import resolve_entry
 
+        jobs = [(name, plan) for name, model_plans in plans.items() for plan in model_plans]
         entries = await asyncio.gather(
-            *(asyncio.to_thread(resolve_entry, name, opts) for name, opts in options.items())
+            *(asyncio.to_thread(resolve_entry, name, options[name], plan) for name, plan in jobs)
         )
         self._entries = {entry.name: entry for entry in entries}
-        self._start_workers()
-        preloads = [name for name, entry in self._entries.items() if entry.options.preload]
-        results = await asyncio.gather(*(self._command(name) for name in preloads), return_exceptions=True)
-        for name, result in zip(preloads, results, strict=True):
+        self._start_workers(entries)
+        preloads = [(e.name, w) for e in entries if e.options.preload for w in [self._workers[e.plan.key]]]
+        results = await asyncio.gather(*(self._command(w, name) for name, w in preloads), return_exceptions=True)
+        for (name, _), result in zip(preloads, results, strict=True):
             if isinstance(result, BaseException):
                 await self.aclose()
                 detail = result.message if isinstance(result, JobError) else f"{type(result).__name__}: {result}"
                 raise ConfigError(f"models[name={name!r}]: cannot load the model: {detail}") from result
         self._started = True
-        log.info("runner_started", runner=self.name, models=sorted(self._entries), preloaded=preloads)
+        log.info(
+            "runner_started",
+            runner=self.name,
+            models=sorted(self._entries),
+            devices={name: [w.key for w in workers] for name, workers in sorted(self._route.items())},
+            preloaded=sorted({name for name, _ in preloads}),
+        )
 
-    def _start_workers(self) -> None:
+    def _plan(self, placements: dict[str, list[Placement]]) -> dict[str, list[DevicePlan]]:
+        """Each copy's torch devices; stops with one line when torch cannot use the GPUs NVML sees."""
+        gpus = self._context.gpus
+        if all(p.on_cpu for copies in placements.values() for p in copies):
+            return {name: [CPU_PLAN] for name in placements}
+        from runners.hf.gpumap import torch_indices, visible_torch_gpus
+
+        found = visible_torch_gpus()
+        if not found:
+            from miner.host.cudacompat import cuda_unusable_error, torch_build
+
+            driver = gpus[0].driver_version if gpus else None
+            cuda = gpus[0].cuda_version if gpus else None
+            raise ConfigError(cuda_unusable_error(torch_build(), len(gpus), driver, cuda))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return {
+            name: [
+                CPU_PLAN
+                if p.on_cpu
+                else DevicePlan.for_cuda(torch_indices(f"models[name={name!r}]", p.gpus, found, visible), p.gpus)
+                for p in copies
+            ]
+            for name, copies in placements.items()
+        }
+
+    def _start_workers(self, entries: Sequence[ModelEntry]) -> None:
         from runners.hf.worker import DeviceWorker, MemoryProbe
 
         by_device: dict[str, list[ModelEntry]] = {}
-        for entry in self._entries.values():
+        for entry in entries:
             by_device.setdefault(entry.plan.key, []).append(entry)
-        for key, entries in by_device.items():
-            plan = entries[0].plan
-            budgets = [e.options.memory_budget_mb for e in entries if e.options.memory_budget_mb is not None]
+        for key, group in by_device.items():
+            plan = group[0].plan
+            budgets = [e.options.memory_budget_mb for e in group if e.options.memory_budget_mb is not None]
             probe = MemoryProbe(
-                plan.cuda_indices, min(budgets) * 2**20 if budgets else None, self._context.free_vram_mb
+                plan.cuda_indices,
+                min(budgets) * 2**20 if budgets else None,
+                self._context.free_vram_mb,
+                plan.nvml_indices,
             )
-            uuids = [g.uuid for g in self._context.gpus if g.index in plan.cuda_indices]
-            worker = DeviceWorker(key, {e.name: e for e in entries}, probe, ",".join(uuids) or None)
+            worker = DeviceWorker(key, {e.name: e for e in group}, probe, plan.gpu_uuids[0] if plan.gpus else None)
             worker.start()
             self._workers[key] = worker
-            for entry in entries:
-                self._route[entry.name] = worker
+            for entry in group:
+                self._route.setdefault(entry.name, []).append(worker)
 
-    async def _command(self, name: str) -> Any:
+    async def _command(self, worker: DeviceWorker, name: str) -> Any:
         from runners.hf.worker import Command
 
-        worker = self._route[name]
         loop = asyncio.get_running_loop()
         command = Command(lambda: worker.preload(name), loop, loop.create_future())
         worker.submit(command)
@@ -115,16 +165,36 @@ class TransformersRunner:
         """Configured models on a working device: loaded, or checked and loadable on demand."""
         if self._closed or not self._started:
             return []
-        return [name for name, worker in self._route.items() if worker.broken is None]
+        return [name for name, workers in self._route.items() if any(w.broken is None for w in workers)]
 
     def loaded(self, name: str) -> LoadedModel | None:
-        """The resident model called ``name`` (for benchmarks and diagnostics), if loaded."""
-        worker = self._route.get(name)
-        return worker.loaded(name) if worker else None
+        """A resident copy of the model called ``name`` (for benchmarks and diagnostics), if loaded."""
+        for worker in self._route.get(name, ()):
+            model = worker.loaded(name)
+            if model is not None:
+                return model
+        return None
+
+    def capacity(self) -> int:
+        """Jobs the runner could hold at once now (see :meth:`DeviceWorker.capacity`), over its devices."""
+        if self._closed or not self._started:
+            return 0
+        return sum(w.capacity(self._load.get(key, 0)) for key, w in self._workers.items())
+
+    def max_capacity(self) -> int:
+        """The most jobs the runner ever holds at once: each device's largest ``max_batch_size``."""
+        return sum(w.max_capacity() for w in self._workers.values())
+
+    def _pick(self, name: str) -> DeviceWorker | None:
+        """The copy of ``name`` with the fewest jobs waiting or running (a broken device last)."""
+        workers = self._route.get(name)
+        if not workers:
+            return None
+        return min(workers, key=lambda w: (w.broken is not None, self._load.get(w.key, 0)))
 
     async def run(self, job: Job) -> RunResult:
         """Queue the job on its device's worker and wait for its row of a batch to finish."""
-        worker = self._route.get(job.model)
+        worker = self._pick(job.model)
         if worker is None or self._closed:
             raise JobError(ErrorCode.MODEL_NOT_SERVED, f"model {job.model!r} is not served by the transformers runner")
         if worker.broken is not None:
@@ -134,6 +204,7 @@ class TransformersRunner:
 
         loop = asyncio.get_running_loop()
         request = Request(job, loop, loop.create_future())
+        self._load[worker.key] = self._load.get(worker.key, 0) + 1
         worker.submit(request)
         try:
             # While queued, look at the cancel flag and deadline here; once a batch has taken
@@ -147,11 +218,17 @@ class TransformersRunner:
                     break
                 if job.should_stop() and request.abandon():
                     job.raise_if_stopped()
-            return await request.future
+            result: RunResult = await request.future
         except asyncio.CancelledError:
             job.cancel()  # the worker drops the job at its next step
             request.abandon()
             raise
+        finally:
+            self._load[worker.key] -= 1
+        plan = worker.plan
+        result.gpu_uuid = plan.gpu_uuids[0] if plan.gpus else None
+        result.gpu_uuids = plan.gpu_uuids if plan.sharded else ()
+        return result
 
     async def aclose(self) -> None:
         """Stop the workers (queued jobs fail with SHUTDOWN) and free the models."""

@@ -37,7 +37,7 @@ def test_toml_file_loads_with_runner_options_in_the_model_table(config: Path) ->
     assert settings.miner_id == "rig-01"
     assert settings.models[0].name == "llama2" and settings.models[0].options() == {"delay_s": 0.2}
     assert settings.api_key() == "miner-secret"
-    assert settings.effective_concurrency(0) == 1 and settings.effective_concurrency(4) == 4
+    assert settings.concurrency is None  # no cap: claiming follows what the runners can take
 
 
 def test_environment_overrides_the_file(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,11 +1,13 @@
 """The ``aitbc-miner`` command line. Parsing only: each subcommand imports its module
-lazily, so ``aitbc-miner probe`` never loads the coordinator and nothing loads torch."""
+lazily, so ``aitbc-miner probe`` never loads the coordinator, and imports torch only when
+it is installed, to report whether it fits the driver."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports torch: CUDA then numbers GPUs by PCI bus, as NVML does, so an
+    # index means the same GPU to both (GPUs are matched by UUID regardless).
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,9 +1,15 @@
 """``aitbc-miner probe``: what this host would register, without registering.
 
-Prints the GPUs NVML sees (or CPU mode), the driver and CUDA versions, each configured
-model with its runner and whether that runner can be imported, and the ``capabilities``
-object the daemon would send. Without ``--config`` and without the default config file it
-prints the hardware part only. It never creates the receipt key.
+Prints the GPUs NVML sees (or CPU mode), the driver and CUDA versions, torch's version and
+CUDA build beside the driver's highest CUDA version and whether they fit (see
+:mod:`miner.host.cudacompat`), each configured model with its runner and whether that runner
+can be imported, and the ``capabilities`` object the daemon would send. Without ``--config``
+and without the default config file it prints the hardware part only. It never creates the
+receipt key. torch is imported only when it is installed (checked through package metadata
+first), and then only to ask whether CUDA is available and how many devices it sees.
+
+With ``AITBC_MINER_FAKE_NVML=FILE`` the GPUs come from that simulated host, and the first line
+printed (on stderr with ``--json``) says so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 from miner import __version__
 from miner.daemon.capabilities import build_capabilities
+from miner.host.cudacompat import TorchBuild, fit_line, installed_torch_version, torch_build, torch_index_for
 from miner.host.nvml import probe_gpus
 from miner.wire.errors import ConfigError, StateError
 from runners.base import GpuInfo
@@ -33,6 +40,23 @@ def _key_id(state_dir: Path) -> tuple[str | None, str]:
         return key_id(load_key(path).verify_key), f"receipt key {path}"
     except (ConfigError, StateError) as exc:
         return None, f"receipt key unusable: {exc}"
+
+
+def torch_report(gpu_enabled: bool, driver_version: str | None, driver_cuda: str | None) -> dict[str, Any]:
+    """torch's build and whether it fits the driver, as ``probe`` reports it (the ``torch`` key).
+
+    Imports torch only when it is installed. ``fits``: True / False / None (nothing to judge);
+    ``index``/``index_url``: the PyTorch build to install for this driver.
+    """
+    version = installed_torch_version()
+    build = torch_build() if version is not None else TorchBuild(None, None, False, 0, None)
+    if gpu_enabled:
+        fits, line = fit_line(build, driver_version, driver_cuda)
+    else:
+        what = f"torch {build.version}" if build.version else "torch: not installed"
+        fits, line = None, f"{what}; GPUs disabled by gpus.enabled = false: models run on the CPU"
+    tag, url = torch_index_for(driver_cuda if gpu_enabled else None)
+    return {**dataclasses.asdict(build), "fits": fits, "line": line, "index": tag, "index_url": url}
 
 
 def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
@@ -55,6 +79,7 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
         "models": [],
         "capabilities": None,
     }
+    report["torch"] = torch_report(report["gpu_enabled"], report["driver_version"], report["cuda"])
     from runners import runner_status
 
     # Every runner, built-in or installed plugin, with whether it can be imported here.
@@ -71,7 +96,7 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
     report.update(
         miner_id=settings.miner_id,
         coordinator=settings.coordinator.url,
-        concurrency=settings.effective_concurrency(len(gpus)),
+        concurrency=settings.concurrency,  # None: the runners' batch room and GPU memory decide
         receipt_key=key_note,
         capabilities=build_capabilities(
             gpus=gpus,
@@ -98,7 +123,8 @@ def _gpu_line(g: dict[str, Any]) -> str:
 
 
 def render_text(report: dict[str, Any]) -> str:
-    lines = [f"aitbc-miner {report['version']}"]
+    lines = [report["simulated_host"]] if report.get("simulated_host") else []
+    lines.append(f"aitbc-miner {report['version']}")
     if not report["gpu_enabled"]:
         lines.append("GPUs: disabled by gpus.enabled = false (CPU mode)")
     elif report["gpus"]:
@@ -106,13 +132,19 @@ def render_text(report: dict[str, Any]) -> str:
         lines.extend(_gpu_line(g) for g in report["gpus"])
     else:
         lines.append("GPUs: none found (CPU mode)")
+    lines.append(report["torch"]["line"])
     lines.append("runners:")
     lines.extend(f"  {name}: {state}" for name, state in sorted(report["runners"].items()))
     if report["config"] is None and report["capabilities"] is None:
         lines.append("config: none (pass --config PATH to see models and the capabilities to register)")
         return "\n".join(lines)
     lines.append(f"config: {report['config'] or '(environment only)'}")
-    lines.append(f"miner {report['miner_id']} -> {report['coordinator']}, {report['concurrency']} job(s) in flight")
+    inflight = (
+        f"at most {report['concurrency']} job(s) in flight"
+        if report["concurrency"]
+        else "jobs in flight as batch room and GPU memory allow"
+    )
+    lines.append(f"miner {report['miner_id']} -> {report['coordinator']}, {inflight}")
     lines.append("models:")
     for m in report["models"]:
         lines.append(f"  {m['name']}: runner {m['runner']} ({m['runner_status']})")
@@ -126,14 +158,24 @@ def probe_command(args: Any, nvml: Any = None) -> int:
     """Print the probe report; 0, or a ConfigError for the CLI to print (exit 2).
 
     Log lines (such as the no-driver warning) go to stderr so ``--json`` stays parseable.
+    Without ``nvml``, ``AITBC_MINER_FAKE_NVML`` may name a simulated GPU host: its warning line
+    is printed first (to stderr with ``--json``, and kept in the report as ``simulated_host``).
     """
     import sys
 
+    from miner.host.fakenvml import nvml_from_env
     from miner.ops.logs import configure_logging
 
     configure_logging("info", "auto", stream=sys.stderr)
+    warning = None
+    if nvml is None:
+        nvml, warning = nvml_from_env()
+    as_json = getattr(args, "json", False)
+    if warning and as_json:
+        print(warning, file=sys.stderr)
     report = gather(getattr(args, "config", None), nvml)
-    if getattr(args, "json", False):
+    report["simulated_host"] = warning
+    if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(render_text(report))

@@ -41,7 +41,7 @@ from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
 from miner.daemon.pipeline import JobPipeline
 from miner.daemon.runtime import Runtime, start_runtime
 from miner.daemon.session import Session, SessionHooks
-from miner.daemon.settings import MinerSettings
+from miner.daemon.settings import MAX_SLOTS, MinerSettings
 from miner.daemon.signals import capture_signals
 from miner.daemon.statelock import StateLock
 from miner.ops.health import HealthState
@@ -119,6 +119,7 @@ class Agent:
         self.pipeline: JobPipeline | None = None
         self.metrics_server: MetricsServer | None = None
         self._main_task: asyncio.Task[Any] | None = None
+        self._slots: int | None = None
 
     # -- what tests and tools read ------------------------------------------------------
 
@@ -141,7 +142,12 @@ class Agent:
 
     @property
     def slots(self) -> int:
-        return self.settings.effective_concurrency(len(self.runtime.gpus) if self.runtime else 0)
+        """Claim loops: ``concurrency`` when set, else the most jobs the runners hold at once."""
+        if self.settings.concurrency:
+            return self.settings.concurrency
+        if self._slots is None and self.runtime is not None and self.runtime.runners:
+            self._slots = min(max(self.runtime.max_capacity(), 1), MAX_SLOTS)  # fixed for the run
+        return self._slots or 1
 
     # -- control --------------------------------------------------------------------------
 
@@ -226,6 +232,7 @@ class Agent:
             gpus=len(self.runtime.gpus),
             models=models,
             concurrency=self.slots,
+            room_now=self.runtime.capacity(),
         )
         self.notifier.ready(status=f"serving {', '.join(models) or 'no model ready yet'}; registering")
 
@@ -283,6 +290,7 @@ class Agent:
             on_job_end=self._job_ended,
             on_exit=self.request_exit,
             configured_models=runtime.runners_by_model.keys(),
+            capacity=runtime.capacity,
             max_jobs=self.max_jobs,
             poll_bound_s=c.long_poll_s + c.timeout_s,
         )

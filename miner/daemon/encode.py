@@ -35,7 +35,8 @@ _OPTIONAL_INTS = ("prompt_tokens", "completion_tokens")
 _OPTIONAL_FLOATS = ("ttft_ms", "gpu_seconds")
 _OPTIONAL_STRS = ("model_revision", "gpu_uuid")
 _REQUIRED_STRS = ("output", "finish_reason", "device")
-_FIELDS = (*_REQUIRED_STRS, *_OPTIONAL_INTS, *_OPTIONAL_FLOATS, *_OPTIONAL_STRS, "extra")
+_FIELDS = (*_REQUIRED_STRS, *_OPTIONAL_INTS, *_OPTIONAL_FLOATS, *_OPTIONAL_STRS, "gpu_uuids", "extra")
+MAX_GPU_UUIDS = 64
 
 
 def _invalid(where: str, problem: str) -> JobError:
@@ -135,6 +136,14 @@ def _checked_fields(values: dict[str, Any]) -> dict[str, Any]:
         elif value is not None and not (math.isfinite(value) and value >= 0):
             raise _invalid(f"RunResult.{name}", "must be a finite number >= 0 (it is NaN, infinite or negative)")
         checked[name] = None if value is None else float(value)
+    uuids = values["gpu_uuids"]
+    if type(uuids) not in (tuple, list) or len(uuids) > MAX_GPU_UUIDS:
+        raise _invalid("RunResult.gpu_uuids", f"must be a tuple of at most {MAX_GPU_UUIDS} str")
+    for i, uuid in enumerate(list(uuids)):
+        if type(uuid) is not str:
+            raise _invalid(f"RunResult.gpu_uuids[{i}]", f"is of type {_type_name(uuid)}; it must be a str")
+        _check_str(uuid, f"RunResult.gpu_uuids[{i}]")
+    checked["gpu_uuids"] = tuple(uuids)
     extra = values["extra"]
     if type(extra) is not dict:
         raise _invalid("RunResult.extra", f"is of type {_type_name(extra)}; it must be a dict")

@@ -231,6 +231,7 @@ class JobExecutor:
             completed_at=completed_wall,
             gpu_seconds=units,
             gpu_uuid=result.gpu_uuid,
+            gpu_uuids=tuple(result.gpu_uuids),
             runner=getattr(runner, "name", type(runner).__name__),
             model_revision=result.model_revision,
             prompt_tokens=result.prompt_tokens,
@@ -249,6 +250,7 @@ class JobExecutor:
             "finish_reason": result.finish_reason,
             "device": result.device,
             "gpu_uuid": result.gpu_uuid,
+            "gpu_uuids": list(result.gpu_uuids) or None,
             "duration_ms": duration_ms,
         }
         for key, value in result.extra.items():

@@ -2,7 +2,9 @@
 
 :class:`JobPipeline` owns every piece of job state: the claim slots, the jobs in flight,
 the counters. One claim loop runs per slot. A slot claims only while ``may_claim()`` says
-so (registered, state folder healthy, a model ready) and the pipeline is not stopping.
+so (registered, state folder healthy, a model ready), the pipeline is not stopping, and
+``capacity()`` (what the runners could hold now: batch room and free GPU memory) exceeds the
+jobs held plus the polls out; ``None`` from it means no limit beyond the slots.
 
 A poll that has been sent is never cancelled: the coordinator may already have assigned
 a job, and an answer lost on the wire leaves that job RUNNING until its TTL. A job that
@@ -19,6 +21,7 @@ reference to the object that made it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import traceback
 from collections import Counter
@@ -40,6 +43,8 @@ log = structlog.get_logger("miner.daemon.pipeline")
 
 # After the drain grace, cancelled jobs get this long to stop before their tasks are abandoned.
 CANCEL_GRACE_S = 5.0
+# How often a slot waiting for room asks the runners again (their memory changes on its own).
+ROOM_RECHECK_S = 0.25
 DISK_TROUBLE_MESSAGE = "the miner's state folder cannot take outcomes right now; the job can be reassigned"
 ALREADY_DELIVERED = "this miner already delivered an outcome for this job; it is not run twice"
 
@@ -66,6 +71,7 @@ class JobPipeline:
         on_job_end: Callable[[], None],
         on_exit: Callable[[str, bool], None],
         configured_models: Collection[str] = (),
+        capacity: Callable[[], int | None] = lambda: None,
         max_jobs: int | None = None,
         poll_bound_s: float = 30.0,
     ) -> None:
@@ -79,6 +85,7 @@ class JobPipeline:
         self._on_job_end = on_job_end
         self._on_exit = on_exit
         self._configured = frozenset(configured_models)
+        self._capacity = capacity
         self.max_jobs = max_jobs
         self.poll_bound_s = poll_bound_s  # the longest a sent poll may take: long-poll + request timeout
         self.inflight: dict[str, JobRun] = {}
@@ -131,9 +138,13 @@ class JobPipeline:
             if not self._claiming_allowed():
                 await self._claim_state.wait()
                 continue
-            if not await self._wait_turn(pacing):
+            if not self._has_room():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._claim_state.wait(), ROOM_RECHECK_S)
                 continue
-            self.jobs_reserved += 1
+            if not await self._wait_turn(pacing) or not self._has_room():
+                continue
+            self.jobs_reserved += 1  # no await since the room check: no other slot can take this room
             poll = asyncio.create_task(self.claimer.poll(pacing), name=f"poll-{index}")
             self._polls.add(poll)
             try:
@@ -154,6 +165,12 @@ class JobPipeline:
                     traceback="".join(traceback.format_tb(exc.__traceback__, limit=-3)),
                 )
                 await asyncio.sleep(1.0)
+
+    def _has_room(self) -> bool:
+        """Whether the runners can take one more job now (jobs held and polls out counted)."""
+        room = self._capacity()
+        self.metrics.set_job_room(room)
+        return room is None or len(self.inflight) + self.jobs_reserved < room
 
     async def _wait_turn(self, pacing: SlotPacing) -> bool:
         """The pacing wait before a poll, cut short when claiming stops. True: go ahead and poll."""
@@ -254,6 +271,7 @@ class JobPipeline:
             await self.deliverer.deliver_now(entry)
         self.jobs_ended += 1
         self.last_activity = time.monotonic()
+        self.pulse()  # a slot waiting for room may claim again
         if outcome.fatal:
             self._on_exit(f"device error: {outcome.message}", True)
         self._on_job_end()

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from miner.daemon.settings import MinerSettings
+from miner.host.fakenvml import FileNvml, simulated_host_warning
 from miner.host.nvml import Nvml
 from miner.ops.logs import safe_text
 from miner.ops.metrics import MinerMetrics
@@ -62,6 +63,27 @@ class Runtime:
                 out.setdefault(getattr(runner, "name", type(runner).__name__), []).append(model)
         return out
 
+    def max_capacity(self) -> int:
+        """The most jobs the runners hold at once: their ``max_capacity()``, one per GPU for the others."""
+        total, plain = 0, False
+        for runner in self.runners.values():
+            limit = _ask(runner, "max_capacity")
+            if limit is None:
+                plain = True
+            else:
+                total += limit
+        return total + (max(len(self.gpus), 1) if plain or not total else 0)
+
+    def capacity(self) -> int | None:
+        """Jobs the runners could hold now; ``None`` when one of them sets no limit of its own."""
+        total = 0
+        for runner in self.runners.values():
+            room = _ask(runner, "capacity")
+            if room is None:
+                return None
+            total += room
+        return total
+
     async def gpu_stats(self) -> list[dict[str, Any]]:
         """Fresh per-GPU readings for the heartbeat (``[]`` in CPU mode); NVML off the loop."""
         if self.nvml is None or not self.nvml.available:
@@ -84,6 +106,19 @@ class Runtime:
         self.runners.clear()
         if self.nvml is not None:
             await asyncio.to_thread(self.nvml.close)
+
+
+def _ask(runner: Runner, method: str) -> int | None:
+    """``runner.<method>()`` as a count, or ``None`` when it has no such method, says None, or fails."""
+    fn = getattr(runner, method, None)
+    if fn is None:
+        return None
+    try:
+        value = fn()
+    except Exception as exc:  # a runner bug must not stop claiming
+        log.warning("runner_capacity_failed", runner=getattr(runner, "name", "?"), error=str(exc))
+        return None
+    return max(int(value), 0) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 _STAT_FIELDS = {"index", "uuid", "memory_total_mb", "memory_free_mb", "utilization_pct", "temperature_c", "power_w"}
@@ -117,6 +152,9 @@ async def start_runtime(
     """Probe, build and start everything; on failure, what was started is closed again."""
     runtime = Runtime(gpus=list(gpus) if gpus is not None else [])
     if gpus is None and settings.gpus.enabled:
+        if nvml is None and settings.fake_nvml is not None:
+            nvml = await asyncio.to_thread(FileNvml, settings.fake_nvml)
+            log.warning("simulated_gpu_host", detail=simulated_host_warning(settings.fake_nvml))
         runtime.nvml = Nvml(nvml)
         runtime.gpus = await asyncio.to_thread(runtime.nvml.start, settings.gpus.devices)
     try:

@@ -50,6 +50,7 @@ DEFAULT_CONFIG = Path("/etc/aitbc-miner/miner.toml")
 ENV_PREFIX = "AITBC_MINER_"
 CREDENTIAL_NAME = "api-key"
 MAX_RESULT_BYTES_CEILING = 64 << 20
+MAX_SLOTS = 256  # the most jobs one miner holds in flight
 
 # [[models]] options whose value is a secret: api_key, *_api_key, *token, *password, *secret.
 _SECRET_OPTION = re.compile(r"(^|_)api_key$|token$|password$|secret$", re.IGNORECASE)
@@ -128,8 +129,16 @@ class MinerSettings(BaseSettings):
     state_dir: Path = Path("/var/lib/aitbc-miner")
     region: str | None = None
     price: float = Field(0.01, ge=0, description="asking price per GPU second")
-    concurrency: int | None = Field(None, ge=1, le=256, description="jobs in flight; default one per GPU, one on CPU")
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SLOTS,
+        description="cap on jobs in flight; default: what the runners can take (batch room and free GPU memory)",
+    )
     drain_grace_s: float = Field(30.0, ge=0, le=3600)
+    fake_nvml: Path | None = Field(
+        None, description="simulated GPU host: GPUs read from this JSON file instead of the driver (tests, demos)"
+    )
     coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
     gpus: GpuSettings = Field(default_factory=GpuSettings)
     models: list[ModelSpec] = Field(default_factory=list)
@@ -230,9 +239,6 @@ class MinerSettings(BaseSettings):
             f"coordinator.url uses plain http:// to {host}: the miner API key, prompts and results travel "
             "unencrypted (coordinator.allow_insecure_http = true); switch to https:// where you can"
         )
-
-    def effective_concurrency(self, gpu_count: int) -> int:
-        return self.concurrency or max(gpu_count, 1)
 
     @property
     def config_path(self) -> Path | None:

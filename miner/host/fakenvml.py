@@ -12,10 +12,15 @@ code under test cannot tell it apart. Errors are injected, never patched in::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from miner.wire.errors import ConfigError
 
 MIB = 1024 * 1024
 
@@ -25,6 +30,8 @@ READINGS = {
     "name": "nvmlDeviceGetName",
     "memory": "nvmlDeviceGetMemoryInfo",
     "compute_capability": "nvmlDeviceGetCudaComputeCapability",
+    "pci_bus_id": "nvmlDeviceGetPciInfo",
+    "energy_mj": "nvmlDeviceGetTotalEnergyConsumption",
     "utilization_pct": "nvmlDeviceGetUtilizationRates",
     "temperature_c": "nvmlDeviceGetTemperature",
     "power_w": "nvmlDeviceGetPowerUsage",
@@ -51,6 +58,13 @@ class FakeGpu:
     utilization_pct: int = 0
     temperature_c: int = 35
     power_w: float = 75.0
+    pci_bus_id: str | None = None  # default: derived from the index
+    energy_mj: int = 0  # NVML's total energy counter (millijoules since the driver loaded)
+    ecc_uncorrected: int = 0
+    xid: list[int] = field(default_factory=list)
+    throttle: list[str] = field(default_factory=list)
+    pcie_width: int = 16
+    pcie_max_width: int = 16
     unsupported: set[str] = field(default_factory=set)  # READINGS keys that raise NOT_SUPPORTED
     lost: bool = False  # every call on this GPU raises GPU_IS_LOST
 
@@ -86,6 +100,8 @@ class FakeNvml:
         for i, gpu in enumerate(self.gpus):
             if gpu.uuid is None:
                 gpu.uuid = f"GPU-{i:08x}-fake-4000-8000-{i:012x}"
+            if gpu.pci_bus_id is None:
+                gpu.pci_bus_id = f"00000000:{0x18 + i:02X}:00.0"
         if init_error is not None and init_error not in _INIT_ERRORS:
             raise ValueError(f"init_error must be one of {sorted(_INIT_ERRORS)}, not {init_error!r}")
         self.driver_version = driver_version
@@ -187,7 +203,156 @@ class FakeNvml:
         gpu = self._device("nvmlDeviceGetPowerUsage", "power_w", handle)
         return int(gpu.power_w * 1000)  # milliwatts, as NVML reports it
 
+    def nvmlDeviceGetPciInfo(self, handle: SimpleNamespace) -> SimpleNamespace:
+        gpu = self._device("nvmlDeviceGetPciInfo", "pci_bus_id", handle)
+        bus_id = gpu.pci_bus_id or ""
+        return SimpleNamespace(busId=self._text(bus_id), busIdLegacy=self._text(bus_id[4:]))
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: SimpleNamespace) -> int:
+        gpu = self._device("nvmlDeviceGetTotalEnergyConsumption", "energy_mj", handle)
+        return int(gpu.energy_mj)
+
 
 def h200s(count: int = 1, **kwargs: Any) -> FakeNvml:
     """A FakeNvml holding ``count`` idle H200s (the chip of the project's GPU checks)."""
     return FakeNvml([FakeGpu() for _ in range(count)], **kwargs)
+
+
+# -- a simulated GPU host read from a JSON file -------------------------------------------
+
+FAKE_NVML_ENV = "AITBC_MINER_FAKE_NVML"
+
+
+class FileNvml(FakeNvml):
+    """A :class:`FakeNvml` whose GPUs come from a JSON file, re-read at every NVML poll.
+
+    The file (``AITBC_MINER_FAKE_NVML=FILE``, see ``docs/configuration.md``)::
+
+        {"driver": "580.65.06", "cuda": "13.0",
+         "gpus": [{"index": 0, "uuid": "GPU-...", "name": "NVIDIA H200", "memory_mb": 143771,
+                   "free_mb": 140000, "pci_bus_id": "00000000:18:00.0", "compute_capability": "9.0",
+                   "utilization_pct": 0, "temperature_c": 35, "power_w": 90.0, "energy_mj": 1000,
+                   "ecc_uncorrected": 0, "xid": [], "throttle": [], "pcie_width": 16, "pcie_max_width": 16}]}
+
+    Extra keys are allowed. The file is read again by ``nvmlInit``, ``nvmlDeviceGetCount``
+    and ``nvmlDeviceGetHandleByIndex`` (the start of every poll), so a test can change a GPU
+    while the miner runs; a file that cannot be read or parsed mid-run (being rewritten)
+    keeps the last good reading. A bad file at the first read is a :class:`ConfigError`
+    naming the variable and the problem.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(_parse_host(self.path, _load_json(self.path)).gpus)
+        self._reload(first=True)
+
+    def _reload(self, first: bool = False) -> None:
+        try:
+            host = _parse_host(self.path, _load_json(self.path))
+        except ConfigError:
+            if first:
+                raise
+            return  # mid-rewrite: keep the last good reading
+        self.gpus = host.gpus
+        self.driver_version = host.driver
+        self.cuda_driver_version = host.cuda
+
+    def nvmlInit(self) -> None:
+        self._reload()
+        super().nvmlInit()
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._reload()
+        return super().nvmlDeviceGetCount()
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> SimpleNamespace:
+        self._reload()
+        return super().nvmlDeviceGetHandleByIndex(index)
+
+
+@dataclass
+class _Host:
+    driver: str
+    cuda: int
+    gpus: list[FakeGpu]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{FAKE_NVML_ENV}: cannot read {path}: {exc.strerror}; point it at the JSON file") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{FAKE_NVML_ENV}: {path} is not valid JSON ({exc}); fix the file") from exc
+
+
+def _cuda_int(text: Any) -> int:
+    major, _, minor = str(text).partition(".")
+    return int(major) * 1000 + int(minor or 0) * 10
+
+
+def _parse_host(path: Path, data: Any) -> _Host:
+    """The simulated host of ``data``; ConfigError naming the bad key."""
+
+    def bad(where: str, why: str) -> ConfigError:
+        return ConfigError(f"{FAKE_NVML_ENV}: {path}: {where} {why}; see the simulated GPU host format in the docs")
+
+    if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
+        raise bad("the top level", 'must be an object with a "gpus" list')
+    try:
+        cuda = _cuda_int(data.get("cuda", "12.4"))
+    except ValueError:
+        raise bad('"cuda"', f"is {data.get('cuda')!r}, not a version like \"13.0\"") from None
+    gpus: list[FakeGpu] = []
+    entries = sorted(data["gpus"], key=lambda g: g.get("index", 0) if isinstance(g, dict) else 0)
+    for position, entry in enumerate(entries):
+        where = f"gpus[{position}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "must be an object")
+        try:
+            total = int(entry.get("memory_mb", 81920))
+            free = int(entry.get("free_mb", total))
+            cc = str(entry.get("compute_capability", "9.0")).split(".")
+            gpus.append(
+                FakeGpu(
+                    name=str(entry.get("name", "NVIDIA H200")),
+                    memory_total_mb=total,
+                    memory_used_mb=max(total - free, 0),
+                    uuid=str(entry["uuid"]) if entry.get("uuid") else None,
+                    compute_capability=(int(cc[0]), int(cc[1]) if len(cc) > 1 else 0),
+                    utilization_pct=int(entry.get("utilization_pct", 0)),
+                    temperature_c=int(entry.get("temperature_c", 35)),
+                    power_w=float(entry.get("power_w", 75.0)),
+                    pci_bus_id=str(entry["pci_bus_id"]) if entry.get("pci_bus_id") else None,
+                    energy_mj=int(entry.get("energy_mj", 0)),
+                    ecc_uncorrected=int(entry.get("ecc_uncorrected", 0)),
+                    xid=[int(x) for x in entry.get("xid", [])],
+                    throttle=[str(t) for t in entry.get("throttle", [])],
+                    pcie_width=int(entry.get("pcie_width", 16)),
+                    pcie_max_width=int(entry.get("pcie_max_width", 16)),
+                )
+            )
+        except (TypeError, ValueError, IndexError) as exc:
+            raise bad(where, f"has a value of the wrong type ({exc})") from None
+    for i, gpu in enumerate(gpus):
+        if gpu.uuid is None:
+            gpu.uuid = f"GPU-{i:08x}-fake-4000-8000-{i:012x}"
+        if gpu.pci_bus_id is None:
+            gpu.pci_bus_id = f"00000000:{0x18 + i:02X}:00.0"
+    return _Host(driver=str(data.get("driver", "550.54.15")), cuda=cuda, gpus=gpus)
+
+
+def simulated_host_warning(path: str | Path) -> str:
+    """The line printed (and logged) whenever the simulated GPU host is in use."""
+    return (
+        f"SIMULATED GPU HOST: GPUs are read from {path} ({FAKE_NVML_ENV}), not from the NVIDIA driver; "
+        f"unset {FAKE_NVML_ENV} on a real miner"
+    )
+
+
+def nvml_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any | None, str | None]:
+    """``(FileNvml, warning line)`` when ``AITBC_MINER_FAKE_NVML`` names a file, else ``(None, None)``."""
+    path = (os.environ if environ is None else environ).get(FAKE_NVML_ENV, "").strip()
+    if not path:
+        return None, None
+    return FileNvml(path), simulated_host_warning(path)

@@ -5,7 +5,8 @@ so tests pass :class:`miner.host.fakenvml.FakeNvml` instead. NVML calls block fo
 microseconds to milliseconds: the daemon runs them through ``asyncio.to_thread``.
 
 A host without the NVIDIA driver is not an error: one log line
-(``no NVIDIA driver found (NVML: ...); running in CPU mode``) and an empty GPU list. A
+(``no NVIDIA driver found (NVML: ...); running in CPU mode``) and an empty GPU list, unless
+``gpus.devices`` names GPUs: then nothing could serve them, and it is a ConfigError. A
 reading a GPU does not support (NVML ``NOT_SUPPORTED``, e.g. power on some boards) is
 ``None`` in :class:`~runners.base.GpuInfo`, never a crash.
 """
@@ -22,6 +23,7 @@ import structlog
 
 from miner.wire.errors import ConfigError
 from runners.base import GpuInfo
+from runners.placement import describe_gpus, find_gpu
 
 log = structlog.get_logger("miner.host.nvml")
 
@@ -72,7 +74,14 @@ def _init(nvml: Any) -> str | None:
     return None
 
 
-def _no_driver(reason: str) -> None:
+def _no_driver(reason: str, devices: Sequence[int | str] = ()) -> None:
+    """No NVML: CPU mode, unless the owner named GPUs (then nothing can serve them: an error)."""
+    if devices:
+        wanted = ", ".join(repr(d) for d in devices)
+        raise ConfigError(
+            f"gpus.devices: GPU {wanted} configured, but NVML cannot see any GPU ({reason}); install or load the "
+            "NVIDIA driver, or for CPU mode set gpus.enabled = false and leave gpus.devices empty"
+        )
     log.warning("no_nvidia_driver_cpu_mode", reason=reason)
 
 
@@ -100,6 +109,7 @@ def _probe_one(nvml: Any, index: int, driver: str | None, cuda: str | None) -> G
     uuid = _read(nvml, "nvmlDeviceGetUUID", handle)
     name = _read(nvml, "nvmlDeviceGetName", handle)
     cc = _read(nvml, "nvmlDeviceGetCudaComputeCapability", handle)
+    pci = _read(nvml, "nvmlDeviceGetPciInfo", handle)
     base = GpuInfo(
         index=index,
         uuid=_text(uuid) if uuid is not None else f"GPU-index-{index}",
@@ -108,6 +118,7 @@ def _probe_one(nvml: Any, index: int, driver: str | None, cuda: str | None) -> G
         driver_version=driver,
         cuda_version=cuda,
         compute_capability=f"{cc[0]}.{cc[1]}" if cc is not None else None,
+        pci_bus_id=_text(pci.busId) if pci is not None else None,
     )
     return _read_stats(nvml, handle, base)
 
@@ -115,16 +126,12 @@ def _probe_one(nvml: Any, index: int, driver: str | None, cuda: str | None) -> G
 def _select(gpus: list[GpuInfo], devices: Sequence[int | str]) -> list[GpuInfo]:
     if not devices:
         return gpus
-    by_index = {g.index: g for g in gpus}
-    by_uuid = {g.uuid.lower(): g for g in gpus}
-    found = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
     chosen: list[GpuInfo] = []
     for wanted in devices:
-        text = str(wanted).strip()
-        gpu = by_index.get(int(text)) if text.isdigit() else by_uuid.get(text.lower())
+        gpu = find_gpu(wanted, gpus)
         if gpu is None:
             raise ConfigError(
-                f"gpus.devices: no GPU {wanted!r} on this host (found: {found}); "
+                f"gpus.devices: no GPU {wanted!r} on this host (found: {describe_gpus(gpus)}); "
                 "list GPU indices or UUIDs from `aitbc-miner probe`, or leave gpus.devices empty for all"
             )
         if gpu not in chosen:
@@ -135,7 +142,8 @@ def _select(gpus: list[GpuInfo], devices: Sequence[int | str]) -> list[GpuInfo]:
 def probe_gpus(nvml: Any = None, devices: Sequence[int | str] = ()) -> list[GpuInfo]:
     """Every GPU NVML sees (or those ``devices`` selects by index or UUID), fully read.
 
-    Without a driver: one warning line and ``[]``. An unknown entry in ``devices`` raises
+    Without a driver: one warning line and ``[]`` (a :class:`ConfigError` when ``devices``
+    names GPUs: nothing could serve them). An unknown entry in ``devices`` raises
     :class:`ConfigError` naming ``gpus.devices``. Initialises and shuts NVML down itself
     (NVML counts references, so a long-lived :class:`Nvml` stays valid).
     """
@@ -143,11 +151,11 @@ def probe_gpus(nvml: Any = None, devices: Sequence[int | str] = ()) -> list[GpuI
         try:
             nvml = _import_nvml()
         except ImportError as exc:
-            _no_driver(f"the pynvml module is missing ({exc}); pip install nvidia-ml-py")
+            _no_driver(f"the pynvml module is missing ({exc}); pip install nvidia-ml-py", devices)
             return []
     reason = _init(nvml)
     if reason is not None:
-        _no_driver(reason)
+        _no_driver(reason, devices)
         return []
     try:
         driver = _read(nvml, "nvmlSystemGetDriverVersion")
@@ -222,11 +230,11 @@ class Nvml:
                 try:
                     self._module = _import_nvml()
                 except ImportError as exc:
-                    _no_driver(f"the pynvml module is missing ({exc}); pip install nvidia-ml-py")
+                    _no_driver(f"the pynvml module is missing ({exc}); pip install nvidia-ml-py", devices)
                     return []
             reason = _init(self._module)
             if reason is not None:
-                _no_driver(reason)
+                _no_driver(reason, devices)
                 return []
             self._open = True
         try:

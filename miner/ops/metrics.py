@@ -88,6 +88,11 @@ class MinerMetrics:
             registry=r,
         )
         self.inflight = Gauge(PREFIX + "inflight_jobs", "Jobs running now.", registry=r)
+        self.job_room = Gauge(
+            PREFIX + "job_room",
+            "Jobs the runners could hold at once now (batch room and free GPU memory); -1: no limit of their own.",
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             PREFIX + "outbox_depth", "Signed outcomes written to the outbox and not yet acknowledged.", registry=r
         )
@@ -180,6 +185,9 @@ class MinerMetrics:
 
     def set_inflight(self, n: int) -> None:
         self.inflight.set(n)
+
+    def set_job_room(self, n: int | None) -> None:
+        self.job_room.set(-1 if n is None else n)
 
     def set_outbox_depth(self, n: int) -> None:
         self.outbox_depth.set(n)

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
@@ -130,6 +131,7 @@ def build_miner_receipt(
     gpu_seconds: float,
     gpu_uuid: str | None,
     runner: str,
+    gpu_uuids: Sequence[str] = (),
     model_revision: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
@@ -153,6 +155,7 @@ def build_miner_receipt(
         "completed_at": int(completed_at),
         "timestamp": utc_iso(completed_at),
         "gpu_uuid": gpu_uuid or "cpu",
+        "gpu_uuids": list(gpu_uuids) if len(gpu_uuids) > 1 else None,
         "runner": runner,
         "tokens": {k: v for k, v in tokens.items() if v is not None} or None,
         "nonce": secrets.token_hex(16),

@@ -41,22 +41,35 @@ def is_device_fatal(exc: BaseException) -> bool:
 
 
 class MemoryProbe:
-    """Free memory for a device: CUDA's free memory and/or a configured budget."""
+    """Free memory for a device: CUDA's free memory and/or a configured budget.
+
+    ``cuda_indices`` are torch's numbers of the device's GPUs and ``nvml_indices`` NVML's
+    numbers of the same GPUs (the two differ under ``CUDA_VISIBLE_DEVICES``);
+    ``free_vram_mb`` takes an NVML index.
+    """
 
     def __init__(
-        self, cuda_indices: tuple[int, ...], budget_bytes: int | None, free_vram_mb: Callable[[int], int | None] | None
+        self,
+        cuda_indices: tuple[int, ...],
+        budget_bytes: int | None,
+        free_vram_mb: Callable[[int], int | None] | None,
+        nvml_indices: tuple[int, ...] = (),
     ) -> None:
         self.cuda_indices = cuda_indices
         self.budget_bytes = budget_bytes
         self.free_vram_mb = free_vram_mb
+        self.nvml_indices = nvml_indices if len(nvml_indices) == len(cuda_indices) else ()
 
     def free_bytes(self, resident_bytes: int) -> int | None:
         """Bytes still usable, or ``None`` when nothing limits this device (CPU, no budget)."""
         limits = []
         if self.cuda_indices:
             free = 0
-            for index in self.cuda_indices:
-                reported = self.free_vram_mb(index) if self.free_vram_mb is not None else None
+            for i, index in enumerate(self.cuda_indices):
+                nvml_index = self.nvml_indices[i] if self.nvml_indices else None
+                reported = (
+                    self.free_vram_mb(nvml_index) if self.free_vram_mb is not None and nvml_index is not None else None
+                )
                 free += reported * MiB if reported is not None else torch.cuda.mem_get_info(index)[0]
                 free += torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)  # torch's own cache
             limits.append(free)

@@ -17,7 +17,7 @@ import torch
 from miner.wire.errors import ConfigError, ErrorCode, JobError
 from runners.hf import source
 from runners.hf.memory import DTYPE_BYTES, ModelShape
-from runners.hf.options import DevicePlan, TransformersOptions, choose_dtype, plan_device
+from runners.hf.options import DevicePlan, TransformersOptions, choose_dtype
 from runners.params import TextRequest
 
 log = structlog.get_logger("runners.transformers")
@@ -39,17 +39,12 @@ class ModelEntry:
     max_new_tokens: int
 
 
-def cuda_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def resolve_entry(name: str, options: TransformersOptions) -> ModelEntry:
-    """Fetch (hub ids) and check a model folder, without loading weights. ConfigError if unusable."""
+def resolve_entry(name: str, options: TransformersOptions, plan: DevicePlan) -> ModelEntry:
+    """Fetch (hub ids) and check a model folder for one copy, without loading weights. ConfigError if unusable."""
     from transformers import AutoConfig
 
     where = f"models[name={name!r}]"
     source.check_source(where, options.path, options.revision)
-    plan = plan_device(where, options.device, cuda_count())
     folder = source.fetch(where, options.path, options.revision)
     try:
         AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -62,7 +57,7 @@ def resolve_entry(name: str, options: TransformersOptions) -> ModelEntry:
         raise ConfigError(
             f"{where}.path: config.json lacks a decoder shape ({exc}); is this a causal language model?"
         ) from exc
-    bf16_ok = plan.is_cuda and torch.cuda.is_bf16_supported()
+    bf16_ok = plan.is_cuda and all(torch.cuda.get_device_capability(i) >= (8, 0) for i in plan.cuda_indices)
     dtype = choose_dtype(options.dtype, raw.get("dtype") or raw.get("torch_dtype"), plan, bf16_ok)
     context = shape.max_positions or 1_000_000
     max_prompt = options.max_prompt_tokens or max(1, context - 1)
@@ -98,6 +93,7 @@ class LoadedModel:
     weight_bytes: int
     last_used: float = field(default_factory=time.monotonic)
     batch_cap: int = 0  # lowered after an out-of-memory, grows back on success
+    decode_mode: str = "eager"  # eager | static | continuous (runners.hf.batch.run_batch)
 
     @property
     def name(self) -> str:
@@ -133,10 +129,13 @@ def load_model(entry: ModelEntry, tokenizer: Any) -> LoadedModel:
     started = time.monotonic()
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, entry.dtype),
-        "device_map": "auto" if entry.plan.key == "auto" else {"": entry.plan.key},
+        "device_map": {"": entry.plan.key},
         "use_safetensors": True,
         "trust_remote_code": False,
     }
+    if entry.plan.sharded:  # accelerate spreads the layers over these GPUs and no others
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in entry.plan.cuda_indices}
     if entry.options.attn_implementation:
         kwargs["attn_implementation"] = entry.options.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(entry.folder, **kwargs)

@@ -5,8 +5,14 @@
 ``dtype``               ``float16`` | ``bfloat16`` | ``float32`` | ``auto`` (default): on CUDA
                         the checkpoint's half-precision dtype (bfloat16 if it says float32);
                         on the CPU float32
-``device``              ``cuda:N`` | ``cuda`` | ``cpu`` | ``auto`` (``device_map="auto"`` across
-                        the host's GPUs); default ``cuda:0`` when CUDA is available, else ``cpu``
+``devices``             the GPUs this model runs on, by index or UUID as ``aitbc-miner probe``
+                        lists them (a subset of ``gpus.devices``): one GPU, or several to shard
+                        a model too large for one. Default: a copy of the model on each of the
+                        miner's GPUs
+``device``              ``cpu`` runs on the CPU (the only way to get a CPU model on a GPU host);
+                        ``cuda:N`` is GPU N as ``probe`` lists it (same as ``devices = [N]``);
+                        ``auto`` (or ``cuda``) shards over all of the miner's GPUs
+                        (see :mod:`runners.placement`)
 ``max_new_tokens``      default and cap of a job's ``max_new_tokens`` (default 256)
 ``max_prompt_tokens``   longest prompt accepted, in tokens (default: the model's context
                         length minus one)
@@ -18,6 +24,11 @@
 ``batch_window_ms``     the longest a batch keeps collecting companions that keep arriving
                         (default 30 ms)
 ``attn_implementation`` ``sdpa`` | ``eager`` | ``flash_attention_2`` (default: transformers')
+``decode``              ``auto`` (default) | ``eager`` | ``static`` | ``continuous``: how decoding
+                        runs. ``static``: a static KV cache with ``torch.compile`` (CUDA graphs);
+                        ``continuous``: transformers' continuous batching with paged attention;
+                        ``auto``: eager on the CPU, on CUDA the fastest of the three as measured
+                        at start (cached in the state folder)
 ``memory_budget_mb``    cap on what this runner's models and batches may use on the device
                         (with the CUDA free memory when both apply); also enforced on the CPU
 """
@@ -29,6 +40,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runners.base import GpuInfo
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d{1,2})?)$")
 
@@ -50,6 +63,8 @@ class TransformersOptions(BaseModel):
     batch_window_ms: float = Field(30.0, ge=0, le=60_000)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     memory_budget_mb: int | None = Field(None, ge=1)
+    devices: list[int | str] | None = Field(None, min_length=1, max_length=64)
+    decode: Literal["auto", "eager", "static", "continuous"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -59,40 +74,43 @@ class TransformersOptions(BaseModel):
         value = value.strip().lower()
         if not _DEVICE.match(value):
             raise ValueError(f"unknown device {value!r}; use 'cuda:N', 'cuda', 'cpu' or 'auto'")
-        return "cuda:0" if value == "cuda" else value
+        return "auto" if value == "cuda" else value
 
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """Where a model lives. ``key`` names its worker: ``cpu``, ``cuda:N`` or ``auto``."""
+    """Where one copy of a model lives, in torch's numbering and NVML's.
+
+    ``key`` names its worker: ``cpu``, ``cuda:N`` (one GPU) or ``cuda:N+M`` (sharded);
+    ``cuda_indices`` are torch's device numbers, ``gpus`` the same GPUs as NVML reports them.
+    """
 
     key: str
-    cuda_indices: tuple[int, ...]  # the GPUs it uses (all visible ones for ``auto``)
+    cuda_indices: tuple[int, ...] = ()
+    gpus: tuple[GpuInfo, ...] = ()
 
     @property
     def is_cuda(self) -> bool:
         return bool(self.cuda_indices)
 
+    @property
+    def sharded(self) -> bool:
+        return len(self.cuda_indices) > 1
 
-def plan_device(where: str, device: str | None, cuda_count: int) -> DevicePlan:
-    """Resolve a configured device against the visible CUDA devices; ConfigError if impossible."""
-    from miner.wire.errors import ConfigError
+    @property
+    def nvml_indices(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus)
 
-    if device is None:
-        device = "cuda:0" if cuda_count else "cpu"
-    if device == "cpu":
-        return DevicePlan("cpu", ())
-    if cuda_count == 0:
-        raise ConfigError(f'{where}.device: {device!r} needs CUDA, but no CUDA device is visible; use device = "cpu"')
-    if device == "auto":
-        return DevicePlan("auto", tuple(range(cuda_count)))
-    index = int(device.partition(":")[2])
-    if index >= cuda_count:
-        raise ConfigError(
-            f"{where}.device: {device!r} does not exist; {cuda_count} CUDA device(s) are visible "
-            f"(cuda:0..cuda:{cuda_count - 1})"
-        )
-    return DevicePlan(device, (index,))
+    @property
+    def gpu_uuids(self) -> tuple[str, ...]:
+        return tuple(g.uuid for g in self.gpus)
+
+    @classmethod
+    def for_cuda(cls, cuda_indices: tuple[int, ...], gpus: tuple[GpuInfo, ...]) -> DevicePlan:
+        return cls("cuda:" + "+".join(str(i) for i in cuda_indices), cuda_indices, gpus)
+
+
+CPU_PLAN = DevicePlan("cpu")
 
 
 def choose_dtype(option: str, config_dtype: str | None, plan: DevicePlan, bf16_ok: bool) -> str:

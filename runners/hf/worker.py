@@ -50,6 +50,7 @@ from runners.params import GenerationParams
 log = structlog.get_logger("runners.transformers")
 
 _STOP = object()
+CAPACITY_PROMPT_TOKENS = 512  # the prompt length claiming plans memory for (longer prompts are checked per job)
 MAX_RESTARTS = 3  # times one batch may restart to take in late joiners
 
 
@@ -78,6 +79,7 @@ class DeviceWorker:
     def __init__(self, key: str, entries: dict[str, ModelEntry], probe: MemoryProbe, gpu_uuid: str | None) -> None:
         self.key = key
         self.entries = entries
+        self.plan = next(iter(entries.values())).plan  # every model of a worker shares its device
         self.probe = probe
         self.gpu_uuid = gpu_uuid
         self.closing = threading.Event()
@@ -110,6 +112,45 @@ class DeviceWorker:
     def loading(self) -> str | None:
         return self.cache.loading
 
+    def capacity(self, load: int) -> int:
+        """Jobs this device could hold at once now, ``load`` (waiting or running here) included.
+
+        The largest batch any of its models can run: the model's batch cap, lowered to what
+        the free memory holds at :data:`CAPACITY_PROMPT_TOKENS` prompt tokens plus the
+        model's ``max_new_tokens`` per job (weights counted for a model not resident yet).
+        On CUDA the free memory already excludes running batches, so those jobs are added;
+        a memory budget is counted whole. 0 once the device is broken or closing.
+        """
+        if self.broken is not None or self.closing.is_set():
+            return 0
+        best = 0
+        for name, entry in self.entries.items():
+            loaded = self.cache.get(name)
+            cap = loaded.batch_cap if loaded else entry.options.max_batch_size
+            per_job = estimate_bytes(
+                entry.shape,
+                prompt_tokens=min(entry.max_prompt_tokens, CAPACITY_PROMPT_TOKENS),
+                max_new_tokens=entry.max_new_tokens,
+                batch=1,
+                dtype=entry.dtype,
+                include_weights=False,
+            ).total
+            free = self.cache.free_bytes()
+            if free is None:
+                best = max(best, cap)
+                continue
+            if loaded is None:
+                free -= entry.weight_bytes
+            fits = max(free, 0) // max(per_job, 1)
+            if self.probe.cuda_indices and self.probe.budget_bytes is None:
+                fits += load
+            best = max(best, min(cap, fits))
+        return best
+
+    def max_capacity(self) -> int:
+        """The most jobs this device ever holds at once: its models' largest ``max_batch_size``."""
+        return max(e.options.max_batch_size for e in self.entries.values())
+
     # --- the worker thread ----------------------------------------------------------
 
     def _next(self, timeout: float | None) -> Any:
@@ -118,8 +159,8 @@ class DeviceWorker:
         return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get()
 
     def _main(self) -> None:
-        if self.key.startswith("cuda:"):
-            torch.cuda.set_device(int(self.key.partition(":")[2]))  # kernels and empty_cache act on this GPU
+        if self.plan.is_cuda:
+            torch.cuda.set_device(self.plan.cuda_indices[0])  # kernels and empty_cache act on this GPU
         try:
             while True:
                 item = self._next(None)

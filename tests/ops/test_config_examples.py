@@ -53,7 +53,7 @@ def test_single_gpu_example_serves_llama2_on_one_gpu() -> None:
     settings = load_settings(CONFIG / "miner.toml")
     assert [m.name for m in settings.models] == ["llama2"]
     assert settings.models[0].runner == "transformers" and "path" in settings.models[0].options()
-    assert settings.gpus.devices == [0] and settings.effective_concurrency(1) == 1
+    assert settings.gpus.devices == [0] and settings.concurrency is None  # claiming follows batch room and memory
 
 
 def test_multi_gpu_example_uses_several_gpus_and_models() -> None:
@@ -61,6 +61,22 @@ def test_multi_gpu_example_uses_several_gpus_and_models() -> None:
     settings = load_settings(CONFIG / "miner-multi-gpu.toml")
     assert settings.gpus.devices == [0, 1]
     assert len(settings.models) >= 3 and {m.runner for m in settings.models} >= {"transformers", "openai"}
+
+
+def test_multi_gpu_example_puts_each_transformers_model_on_its_own_gpu() -> None:
+    """The two transformers models of the multi-GPU example are placed on GPU 0 and GPU 1, not both on 0."""
+    from runners.base import GpuInfo
+    from runners.hf.options import TransformersOptions
+    from runners.placement import place_model
+
+    settings = load_settings(CONFIG / "miner-multi-gpu.toml")
+    gpus = [GpuInfo(i, f"GPU-{i}", "NVIDIA H200", 143771) for i in settings.gpus.devices if isinstance(i, int)]
+    placed = []
+    for spec in settings.models:
+        if spec.runner == "transformers":
+            options = parse_options(TransformersOptions, spec)
+            placed += [p.key for p in place_model(spec.name, gpus, options.devices, options.device)]
+    assert placed == ["gpu0", "gpu1"]
 
 
 def test_openai_example_options_validate_against_the_runner() -> None:

@@ -23,6 +23,7 @@ def exported_names() -> set[str]:
     m.job_finished(model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=10, units=1.0)
     m.job_finished(model="llama2", outcome="failed", error_code="OUT_OF_MEMORY", duration_s=0.2, completion_tokens=None)
     m.set_inflight(1)
+    m.set_job_room(4)
     m.set_outbox_depth(0)
     m.observe_request(endpoint="poll", seconds=0.01, error="429")
     m.heartbeat_ok(time.time())

@@ -55,9 +55,10 @@ def test_probe_with_config_builds_registration_capabilities(tmp_path: Path) -> N
     assert caps["cuda"] == "12.4" and caps["price"] == 0.02 and caps["region"] == "eu-west"
     assert "receipt_key" not in caps and "no receipt key yet" in report["receipt_key"]
     assert not (tmp_path / "state").exists(), "probe never creates the state folder or the key"
-    assert report["concurrency"] == 2
+    assert report["concurrency"] is None  # no cap set: claiming follows batch room and GPU memory
     text = render_text(report)
     assert "GPU 1: NVIDIA H200" in text and "llama2: runner fake (available)" in text
+    assert "jobs in flight as batch room and GPU memory allow" in text
 
 
 def test_probe_reports_an_existing_key(tmp_path: Path) -> None:

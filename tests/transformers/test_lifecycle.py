@@ -70,12 +70,12 @@ def test_missing_folder_and_bad_options_are_refused(tiny_model: Path, tmp_path: 
     assert "models[name='m'].dtype" in str(start_error(spec("m", tiny_model, dtype="float8")))
 
 
-def test_cuda_device_without_cuda_is_refused(tiny_model: Path) -> None:
-    """Configuring cuda:0 where torch sees no CUDA device stops start with the fix."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_cuda_device_without_a_gpu_is_refused(tiny_model: Path) -> None:
+    """A model asking for a GPU on a miner that has none stops start, naming the setting and the fix."""
     error = start_error(spec("m", tiny_model, device="cuda:0"))
-    assert "needs CUDA" in str(error) and 'device = "cpu"' in str(error)
+    assert "models[name='m'].device: asks for a GPU" in str(error) and 'device = "cpu"' in str(error)
+    error = start_error(spec("m", tiny_model, devices=[0]))
+    assert "models[name='m'].devices: asks for a GPU" in str(error)
 
 
 def test_lazy_model_is_advertised_then_loaded_on_first_use(tiny_model: Path) -> None:
