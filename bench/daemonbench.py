@@ -3,9 +3,12 @@
 The coordinator runs as a subprocess (``python -m miner coordinator``, fresh SQLite file,
 rate limits off) so it does not share this process's interpreter; the daemon
 (:class:`miner.daemon.agent.Agent`) runs in this process with the transformers runner, exactly as
-``aitbc-miner run`` would. Times come from the coordinator's own job timestamps:
-``started_at`` (assigned to the miner: the claim) and ``completed_at`` (signed result
-accepted), so the client's status polling does not count.
+``aitbc-miner run`` would, with ``concurrency`` and the model's ``max_batch_size`` both set to
+``slots`` so that ``slots`` jobs can be in flight in one batch. Times come from the
+coordinator's own job timestamps: ``started_at`` (assigned to the miner: the claim) and
+``completed_at`` (signed result accepted), so the client's status polling does not count.
+A job's first token is placed by the runner's ``ttft_ms`` after the moment the job reached
+``run()`` (noted by :class:`TimedRunner`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from runners.base import Job, RunResult
 from runners.transformers import TransformersRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +48,58 @@ class TimedRunner(TransformersRunner):
 
     run_called: dict[str, float] = {}
 
-    async def run(self, job):  # type: ignore[no-untyped-def]
+    async def run(self, job: Job) -> RunResult:
         self.run_called[job.job_id] = time.time()
         return await super().run(job)
 
 
-class DaemonBench:
-    """A coordinator subprocess plus an in-process daemon serving ``model_folder`` as ``tiny``."""
+@dataclass(frozen=True)
+class JobTiming:
+    """One job of a run, from the coordinator's timestamps and the signed result's metadata."""
 
-    def __init__(self, workdir: Path, model_folder: Path, *, slots: int, max_new_tokens: int) -> None:
+    claim_to_result_s: float
+    claim_to_first_token_s: float
+    completion_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """Jobs submitted together: first claim -> last result accepted, and each job's timing."""
+
+    seconds: float
+    jobs: list[JobTiming]
+
+    @property
+    def tokens(self) -> int:
+        return sum(j.completion_tokens for j in self.jobs)
+
+
+class DaemonBench:
+    """A coordinator subprocess plus an in-process daemon serving ``model_folder`` as ``model``.
+
+    ``model_options`` are extra options of the model's ``[[models]]`` entry (``device``,
+    ``dtype``, ``decode``...); ``gpus`` is the ``[gpus]`` section (default: disabled, CPU mode).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        model_folder: Path,
+        *,
+        slots: int,
+        max_new_tokens: int,
+        model: str = "tiny",
+        model_options: dict[str, Any] | None = None,
+        gpus: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.model_folder = model_folder
         self.slots = slots
         self.max_new_tokens = max_new_tokens
+        self.model = model
+        self.model_options = dict(model_options or {})
+        self.gpus = dict(gpus) if gpus is not None else {"enabled": False}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_key = secrets.token_hex(12)
@@ -73,24 +117,28 @@ class DaemonBench:
              self.miner_key, "--no-rate-limits", "--log-level", "warning"],
             cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
-        self.http = httpx.AsyncClient(base_url=self.url, headers={"X-Api-Key": self.client_key}, timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                await self.http.get("/openapi.json")
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the local coordinator did not start") from None
-                await asyncio.sleep(0.05)
-        await self._start_agent()
+        try:
+            self.http = httpx.AsyncClient(base_url=self.url, headers={"X-Api-Key": self.client_key}, timeout=30)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await self.http.get("/openapi.json")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the local coordinator did not start") from None
+                    await asyncio.sleep(0.05)
+            await self._start_agent()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
-    async def _start_agent(self) -> None:
-        from miner.daemon.agent import Agent
+    def settings(self) -> Any:
+        """The daemon's settings: what ``aitbc-miner run`` would read from its miner.toml."""
         from miner.daemon.settings import load_settings
 
-        settings = load_settings(
+        return load_settings(
             None,
             miner_id="bench-rig",
             state_dir=self.workdir / "state",
@@ -104,19 +152,24 @@ class DaemonBench:
                 "heartbeat_interval_s": 5,
                 "max_polls_per_minute": 10_000,
             },
-            gpus={"enabled": False},
+            gpus=self.gpus,
             metrics={"enabled": False},
             models=[
                 {
-                    "name": "tiny",
+                    "name": self.model,
                     "runner": "transformers",
                     "path": str(self.model_folder),
+                    **self.model_options,
                     "max_batch_size": self.slots,
                     "max_new_tokens": self.max_new_tokens,
                 }
             ],
         )
-        self.agent = Agent(settings, runner_classes={"transformers": TimedRunner}, handle_signals=False)
+
+    async def _start_agent(self) -> None:
+        from miner.daemon.agent import Agent
+
+        self.agent = Agent(self.settings(), runner_classes={"transformers": TimedRunner}, handle_signals=False)
         self.task = asyncio.create_task(self.agent.serve())
         while not (self.agent.session is not None and self.agent.session.registered):
             if self.task.done():
@@ -127,14 +180,20 @@ class DaemonBench:
 
     @property
     def runner(self) -> TimedRunner:
-        return self.agent.runtime.runners_by_model["tiny"]
+        runner: TimedRunner = self.agent.runtime.runners_by_model[self.model]
+        return runner
+
+    def payload(self, prompt: str, new_tokens: int | None = None) -> dict[str, Any]:
+        """A greedy job for this bench's model."""
+        tokens = new_tokens or self.max_new_tokens
+        return {"model": self.model, "prompt": prompt, "parameters": {"max_new_tokens": tokens, "temperature": 0}}
 
     async def submit(self, payload: dict[str, Any]) -> str:
         assert self.http is not None
         self._ended_target += 1
         response = await self.http.post("/v1/jobs", json={"payload": payload, "ttl_seconds": 600})
         response.raise_for_status()
-        return response.json()["job_id"]
+        return str(response.json()["job_id"])
 
     async def wait(self, job_ids: list[str], timeout: float = 300) -> list[dict[str, Any]]:
         """Wait until the daemon has ended these jobs, then read them once from the coordinator.
@@ -154,28 +213,34 @@ class DaemonBench:
                 raise RuntimeError(f"job {job['job_id']} ended {job['state']}: {job.get('error')}")
         return jobs
 
+    async def _timing(self, job: dict[str, Any]) -> JobTiming:
+        assert self.http is not None
+        result = (await self.http.get(f"/v1/jobs/{job['job_id']}/result")).json()["result"]
+        meta = result["metadata"]
+        started, completed = _ts(job["started_at"]), _ts(job["completed_at"])
+        first_token = TimedRunner.run_called[job["job_id"]] + float(meta.get("ttft_ms") or 0.0) / 1000
+        return JobTiming(
+            claim_to_result_s=completed - started,
+            claim_to_first_token_s=first_token - started,
+            completion_tokens=int(meta["completion_tokens"]),
+            batch_size=int(meta.get("batch_size", 1)),
+        )
+
+    async def run_batch(self, payloads: list[dict[str, Any]], timeout: float = 300) -> BatchRun:
+        """Jobs submitted at once; their results are read after the last one is accepted (untimed)."""
+        job_ids = await asyncio.gather(*(self.submit(p) for p in payloads))
+        jobs = await self.wait(list(job_ids), timeout)
+        seconds = max(_ts(j["completed_at"]) for j in jobs) - min(_ts(j["started_at"]) for j in jobs)
+        return BatchRun(seconds, [await self._timing(job) for job in jobs])
+
     async def run_one(self, payload: dict[str, Any]) -> tuple[float, float]:
         """One job alone: (claim -> result accepted, claim -> first token) in seconds."""
-        job_id = await self.submit(payload)
-        (job,) = await self.wait([job_id])
-        assert self.http is not None
-        result = (await self.http.get(f"/v1/jobs/{job_id}/result")).json()["result"]
-        started, completed = _ts(job["started_at"]), _ts(job["completed_at"])
-        first_token = TimedRunner.run_called[job_id] + result["metadata"]["ttft_ms"] / 1000
-        return completed - started, first_token - started
+        (job,) = (await self.run_batch([payload])).jobs
+        return job.claim_to_result_s, job.claim_to_first_token_s
 
     async def run_together(self, payloads: list[dict[str, Any]]) -> float:
         """Jobs submitted at once: first claim -> last result accepted, in seconds."""
-        job_ids = await asyncio.gather(*(self.submit(p) for p in payloads))
-        jobs = await self.wait(list(job_ids))
-        return max(_ts(j["completed_at"]) for j in jobs) - min(_ts(j["started_at"]) for j in jobs)
-
-    async def run_sequential(self, payloads: list[dict[str, Any]]) -> float:
-        """The same jobs one at a time: the sum of their claim -> result times, in seconds."""
-        total = 0.0
-        for payload in payloads:
-            total += (await self.run_one(payload))[0]
-        return total
+        return (await self.run_batch(payloads)).seconds
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self.agent is not None and self.task is not None:
@@ -184,8 +249,11 @@ class DaemonBench:
                 await asyncio.wait_for(self.task, 60)
             except Exception as exc:  # report, but still stop the coordinator
                 print(f"daemon exit: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self.task = None
         if self.http is not None:
             await self.http.aclose()
+            self.http = None
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=20)
+            self.process = None

@@ -1,14 +1,42 @@
-"""Throughput of the transformers runner on one device, against raw ``generate``.
+"""The whole path on one device: local coordinator, daemon, transformers runner, against raw ``generate``.
 
-Builds a random-weight Llama of the chosen shape directly on the device (``llama2-7b``:
-hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000, float16 -- about
-13.5 GB, no download), saves it with ``save_pretrained`` (to ``/dev/shm`` when it has
-room) so the runner loads it through its normal path, then reports tokens/s at each batch
-size through the runner and through raw ``generate``, and batch-1 tokens/s as a fraction
-of the memory-bandwidth ceiling (measured device copy bandwidth / weight bytes).
+Steps, each its own process so that ``bench/gpu_check.sh`` can give each a ``timeout`` and a
+failed or killed step costs only its own figures:
 
-    python bench/gpu_check.py                          # Llama-2-7B shape on cuda:0
-    python bench/gpu_check.py --shape tiny --device cpu  # the CPU-checkable dry run
+``workdir``  print a fresh folder for the model: in ``/dev/shm`` when it has room, else the
+             temp folder (the script removes it at the end).
+``build``    create a random-weight Llama of the chosen shape directly on the device, in its
+             dtype (``llama2-7b``: hidden 4096, 32 layers, 32 heads, intermediate 11008,
+             vocab 32000, float16, about 13.5 GB; no download) and save it as safetensors
+             with its tokenizer, so the daemon loads it through its normal path.
+``path``     start a local coordinator on loopback (:class:`bench.daemonbench.DaemonBench`)
+             and the daemon serving that model with ``decode = MODE``, ``concurrency`` and
+             ``max_batch_size`` both the largest in-flight count; then, for each in-flight
+             count N, submit N jobs (distinct prompts, greedy, ``--new-tokens`` each) at once
+             and read from the coordinator's timestamps and the signed results:
+
+             * ``tokens_per_s``: all the jobs' tokens over first claim -> last result;
+             * ``tokens_per_s_per_job``: median over jobs of its tokens over its own claim -> result;
+             * ``ttft_p50_ms`` / ``ttft_p95_ms``: claim -> first token, over every job timed at N;
+             * ``largest_batch``: the largest batch the runner formed.
+
+             With ``--raw`` (the eager step) one raw ``model.generate`` of the same N prompts
+             batched (left-padded, same new tokens) alternates with each daemon run, giving
+             the same figures for raw ``generate`` (its ``first_token_ms`` is a 1-token
+             ``generate`` of the batch), ``daemon_over_raw`` (median of the pairs' time
+             ratios), the measured device copy bandwidth and the batch-1 ceiling (bandwidth /
+             weight bytes read per token), and batch-1 tokens/s as a fraction of it.
+             Figures are written after each N, so a step killed by its timeout keeps what it
+             measured; an N that would not fit in ``--budget-s`` is skipped and listed.
+``report``   merge the steps' figures into one JSON (``bench/gpu_results.json``): the eager
+             whole path, every decode mode's figures with its ratio to eager at each N
+             (``modes.<mode>.vs_eager``: tokens/s over eager's; the modes run in separate
+             processes, so these ratios are not alternated pairs), or the error that stopped
+             it, and each step's exit status. Prints it as a table.
+
+    python bench/gpu_check.py build --shape tiny --device cpu --folder F --part P/build.json
+    python bench/gpu_check.py path --shape tiny --device cpu --folder F --decode eager --raw --part P/eager.json
+    python bench/gpu_check.py report --parts P --json bench/gpu_results.json
 """
 
 from __future__ import annotations
@@ -17,63 +45,106 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.tinybench import copy_bandwidth, median, raw_generate  # noqa: E402
+from bench.tinybench import (  # noqa: E402
+    CANDIDATE_PROMPTS,
+    copy_bandwidth,
+    job_prompts,
+    median,
+    percentile,
+    pick_prompt,
+    raw_generate,
+)
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama2-7b": {"hidden": 4096, "layers": 32, "heads": 32, "intermediate": 11008, "vocab": 32000, "dtype": "float16"},
     "tiny": {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 688, "vocab": 16384, "dtype": "float32"},
 }
-PROMPT = "def read_config(path):\n    "
+MODES = ("eager", "static", "continuous")
+MODEL = "m"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
-    parser.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
-    parser.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure after one warm-up")
-    parser.add_argument("--workdir", type=Path, default=None, help="where to save the model (default /dev/shm or tmp)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
-    args = parser.parse_args(argv)
+def parameter_count(shape: dict[str, Any]) -> int:
+    """Parameters of a Llama of ``shape``: per layer attention 4h^2 and MLP 3hi, plus embeddings and head 2vh."""
+    h, i = shape["hidden"], shape["intermediate"]
+    return shape["layers"] * (4 * h * h + 3 * h * i) + 2 * shape["vocab"] * h
+
+
+def weight_bytes(shape: dict[str, Any]) -> int:
+    return parameter_count(shape) * (4 if shape["dtype"] == "float32" else 2)
+
+
+def parse_counts(text: str, name: str) -> list[int]:
     try:
-        args.batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
+        counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        parser.error(f"--batches must be integers separated by commas, got {args.batches!r}")
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        parser.error("--batches needs at least one size >= 1")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        parser.error(f"--device must be cpu or cuda:N, got {args.device!r}")
-    return args
+        raise SystemExit(f"error: {name} must be integers separated by commas, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"error: {name} needs at least one count >= 1, got {text!r}")
+    return counts
 
 
-def workdir_for(args: argparse.Namespace, need_bytes: int) -> Path:
-    if args.workdir is not None:
-        return args.workdir
+def check_device(device: str) -> None:
+    if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise SystemExit(f"error: --device must be cpu or cuda:N, got {device!r}")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device asks for CUDA but no CUDA device is visible; use --dry-run on a CPU")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically, so a step killed mid-write leaves the previous figures."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def error_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+# --- workdir and build --------------------------------------------------------------------
+
+
+def cmd_workdir(args: argparse.Namespace) -> int:
+    need = weight_bytes(SHAPES[args.shape]) * 1.2 + 2**28
     shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > need_bytes * 1.2:
-        return Path(tempfile.mkdtemp(prefix="aitbc-gpu-check-", dir=shm))
-    return Path(tempfile.mkdtemp(prefix="aitbc-gpu-check-"))
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need:
+        print(tempfile.mkdtemp(prefix="aitbc-gpu-check-", dir=shm))
+    else:
+        print(tempfile.mkdtemp(prefix="aitbc-gpu-check-"))
+    return 0
 
 
-def build_on_device(folder: Path, shape: dict[str, Any], device: str) -> float:
-    """Create the random model on ``device`` in its dtype and save it; returns seconds taken."""
+def cmd_build(args: argparse.Namespace) -> int:
+    """Create the random model on the device and save it (see the module docstring)."""
+    check_device(args.device)
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from runners.tinyllama import llama_config, train_tokenizer
 
+    shape = SHAPES[args.shape]
+    free = shutil.disk_usage(args.folder.parent).free
+    if free < weight_bytes(shape) * 1.1:
+        raise SystemExit(
+            f"error: {args.folder.parent} has {free / 1e9:.1f} GB free, the {args.shape} model needs "
+            f"{weight_bytes(shape) / 1e9:.1f} GB; pass a roomier folder"
+        )
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     tokenizer = train_tokenizer(min(shape["vocab"], 16384), "stdlib")
@@ -88,102 +159,274 @@ def build_on_device(folder: Path, shape: dict[str, Any], device: str) -> float:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    dtype = getattr(torch, shape["dtype"])
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    with torch.device(args.device):
+        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, shape["dtype"]))
     if not torch.isfinite(model.lm_head.weight).all():
         raise RuntimeError("the random model has non-finite weights")
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return time.perf_counter() - started
-
-
-async def measure(args: argparse.Namespace, folder: Path, shape: dict[str, Any]) -> dict[str, Any]:
-    from runners.base import Job, ModelSpec, RunnerContext
-    from runners.params import parse_text_payload
-    from runners.transformers import TransformersRunner
-
-    options = {
-        "path": str(folder),
+    model.save_pretrained(args.folder, safe_serialization=True)
+    tokenizer.save_pretrained(args.folder)
+    figures: dict[str, Any] = {
+        "shape": args.shape,
         "device": args.device,
         "dtype": shape["dtype"],
-        "max_batch_size": max(args.batch_sizes),
-        "max_new_tokens": args.new_tokens,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.perf_counter() - started, 1),
     }
+    if args.device.startswith("cuda"):
+        figures["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    write_json(args.part, figures)
+    print(f"built {args.shape} ({figures['parameters'] / 1e9:.2f} B parameters) in {figures['build_seconds']} s")
+    return 0
+
+
+# --- the whole path -------------------------------------------------------------------------
+
+
+def daemon_summary(runs: list[Any]) -> dict[str, Any]:
+    """Figures of the daemon's timed runs at one in-flight count (see ``path`` in the module docstring)."""
+    jobs = [job for run in runs for job in run.jobs]
+    ttft = [job.claim_to_first_token_s * 1000 for job in jobs]
+    return {
+        "seconds": round(median([run.seconds for run in runs]), 4),
+        "tokens_per_s": round(median([run.tokens / run.seconds for run in runs]), 2),
+        "tokens_per_s_per_job": round(median([j.completion_tokens / j.claim_to_result_s for j in jobs]), 2),
+        "ttft_p50_ms": round(percentile(ttft, 50), 2),
+        "ttft_p95_ms": round(percentile(ttft, 95), 2),
+        "largest_batch": max(job.batch_size for job in jobs),
+        "tokens": runs[0].tokens,
+    }
+
+
+async def raw_run(loaded: Any, prompts: list[str], new_tokens: int) -> tuple[float, int]:
+    """One raw batched greedy generate: (seconds, tokens per row)."""
     started = time.perf_counter()
-    runner = TransformersRunner([ModelSpec(name="m", runner="transformers", **options)], RunnerContext())
-    await runner.start()
-    figures: dict[str, Any] = {"load_seconds": round(time.perf_counter() - started, 2)}
-    loaded = runner.loaded("m")
-    params = {"max_new_tokens": args.new_tokens, "temperature": 0}
+    per_row = await asyncio.to_thread(raw_generate, loaded, prompts, new_tokens)
+    return time.perf_counter() - started, per_row
 
-    async def through_runner(n: int) -> tuple[float, int, int]:
-        jobs = [
-            Job(f"j{i}", parse_text_payload({"model": "m", "prompt": PROMPT, "parameters": params})) for i in range(n)
-        ]
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(runner.run(job) for job in jobs))
-        seconds = time.perf_counter() - t0
-        return seconds, sum(r.completion_tokens for r in results), max(r.extra["batch_size"] for r in results)
 
-    async def raw(n: int) -> tuple[float, int, int]:
-        t0 = time.perf_counter()
-        per_row = await asyncio.to_thread(raw_generate, loaded, PROMPT, args.new_tokens, n)
-        return time.perf_counter() - t0, per_row * n, n
+async def measure_path(args: argparse.Namespace, workdir: Path, part: dict[str, Any]) -> None:
+    """Fill ``part`` (written to ``args.part`` as it grows) with the whole path's figures."""
+    from bench.daemonbench import DaemonBench
 
-    try:
-        for n in args.batch_sizes:
-            for label, fn in (("runner", through_runner), ("raw", raw)):
-                await fn(n)  # warm-up
-                runs = [await fn(n) for _ in range(args.repeats)]
-                seconds = median([r[0] for r in runs])
-                figures[f"{label}_b{n}_tokens_per_s"] = round(runs[0][1] / seconds, 1)
-                figures[f"{label}_b{n}_batch"] = runs[0][2]
-        bandwidth = await asyncio.to_thread(copy_bandwidth, args.device, 2048 if args.device != "cpu" else 512)
-        ceiling = bandwidth / loaded.weight_bytes
-        figures["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
-        figures["weight_gb"] = round(loaded.weight_bytes / 1e9, 2)
-        figures["ceiling_b1_tokens_per_s"] = round(ceiling, 1)
-        first = args.batch_sizes[0]
-        figures["runner_b1_fraction_of_ceiling"] = round(figures[f"runner_b{first}_tokens_per_s"] / first / ceiling, 3)
-        figures["raw_b1_fraction_of_ceiling"] = round(figures[f"raw_b{first}_tokens_per_s"] / first / ceiling, 3)
-    finally:
-        await runner.aclose()
+    shape = SHAPES[args.shape]
+    counts = parse_counts(args.in_flight, "--in-flight")
+    options: dict[str, Any] = {"device": args.device, "dtype": shape["dtype"], "decode": args.decode}
+    gpus: dict[str, Any] = {"enabled": False}
+    if args.device.startswith("cuda"):
+        gpus = {"enabled": True, "devices": [int(args.device.partition(":")[2])]}
+    started = time.monotonic()
+    bench = DaemonBench(
+        workdir, args.folder, slots=max(counts), max_new_tokens=args.new_tokens, model=MODEL,
+        model_options=options, gpus=gpus,
+    )  # fmt: skip
+    async with bench:
+        loaded = bench.runner.loaded(MODEL)
+        if loaded is None:
+            raise RuntimeError("the daemon started without the model loaded")
+        part["load_seconds"] = round(time.monotonic() - started, 2)
+        part["decode_mode_loaded"] = getattr(loaded, "decode_mode", None)
+        part["weight_gb"] = round(loaded.weight_bytes / 1e9, 3)
+        try:
+            prompt = await pick_prompt(bench.runner, MODEL, args.new_tokens, batch=max(counts))
+            part["prompts_run_full_length"] = True
+        except RuntimeError:  # rates count the tokens actually generated
+            prompt, part["prompts_run_full_length"] = CANDIDATE_PROMPTS[0], False
+        write_json(args.part, part)
+        if args.raw:
+            bandwidth = await asyncio.to_thread(copy_bandwidth, args.device, 2048 if args.device != "cpu" else 512)
+            part["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+            part["ceiling_b1_tokens_per_s"] = round(bandwidth / loaded.weight_bytes, 2)
+        part["in_flight"] = {}
+        skipped: list[int] = []
+        last_seconds = 0.0
+        for n in counts:
+            elapsed = time.monotonic() - started
+            if args.budget_s and elapsed + 1.5 * last_seconds > args.budget_s:
+                skipped.append(n)
+                continue
+            count_started = time.monotonic()
+            part["in_flight"][str(n)] = await measure_count(bench, loaded, prompt, n, args)
+            last_seconds = time.monotonic() - count_started
+            write_json(args.part, part)
+        if skipped:
+            part["skipped_in_flight"] = skipped
+        first = part["in_flight"].get("1")
+        if args.raw and first is not None:
+            ceiling = part["ceiling_b1_tokens_per_s"]
+            part["daemon_b1_fraction_of_ceiling"] = round(first["daemon"]["tokens_per_s"] / ceiling, 4)
+            part["raw_b1_fraction_of_ceiling"] = round(first["raw"]["tokens_per_s"] / ceiling, 4)
+        write_json(args.part, part)
+
+
+async def measure_count(bench: Any, loaded: Any, prompt: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Daemon (and with ``--raw`` raw generate, alternating) at ``n`` jobs in flight."""
+    prompts = job_prompts(prompt, n)
+    payloads = [bench.payload(p) for p in prompts]
+    await bench.run_batch(payloads)  # warm-up at this count (and compiles, for a compiled mode)
+    if args.raw:
+        await raw_run(loaded, prompts, args.new_tokens)
+    runs, raw_times, raw_first, pairs, per_row = [], [], [], [], 0
+    for _ in range(args.repeats):
+        if args.raw:
+            seconds, per_row = await raw_run(loaded, prompts, args.new_tokens)
+            raw_times.append(seconds)
+            raw_first.append((await raw_run(loaded, prompts, 1))[0])
+        runs.append(await bench.run_batch(payloads))
+        if args.raw:
+            pairs.append(runs[-1].seconds / raw_times[-1])
+    figures: dict[str, Any] = {"daemon": daemon_summary(runs)}
+    if args.raw:
+        figures["raw"] = {
+            "seconds": round(median(raw_times), 4),
+            "tokens_per_s": round(median([n * per_row / s for s in raw_times]), 2),
+            "tokens_per_s_per_job": round(median([per_row / s for s in raw_times]), 2),
+            "first_token_ms": round(median(raw_first) * 1000, 2),
+            "tokens": n * per_row,
+        }
+        figures["daemon_over_raw"] = round(median(pairs), 4)
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def cmd_path(args: argparse.Namespace) -> int:
+    check_device(args.device)
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    import torch
+    part: dict[str, Any] = {"decode": args.decode, "new_tokens": args.new_tokens, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="aitbc-gpu-path-") as tmp:
+        try:
+            asyncio.run(measure_path(args, Path(tmp), part))
+        except Exception as exc:  # the error goes into the figures; the script goes on with the next step
+            part["error"] = error_line(exc)
+            write_json(args.part, part)
+            traceback.print_exc()
+            return 1
+    print(f"decode = {args.decode!r}: {len(part.get('in_flight', {}))} in-flight counts measured")
+    return 0
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: no CUDA device visible; use --shape tiny --device cpu for a dry run", file=sys.stderr)
-        return 2
-    shape = SHAPES[args.shape]
-    params = 12 * shape["hidden"] ** 2 * shape["layers"] + 2 * shape["vocab"] * shape["hidden"]
-    workdir = workdir_for(args, params * (2 if shape["dtype"] != "float32" else 4))
-    folder = workdir / args.shape
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def read_part(parts: Path, name: str) -> dict[str, Any] | None:
+    path = parts / f"{name}.json"
     try:
-        build_s = build_on_device(folder, shape, args.device)
-        figures = {"shape": args.shape, "device": args.device, "build_seconds": round(build_s, 1)}
-        if args.device.startswith("cuda"):
-            figures["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-        figures.update(asyncio.run(measure(args, folder, shape)))
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def parse_status(text: str) -> dict[str, dict[str, Any]]:
+    """``name=rc:seconds,...`` (what the script passes) as ``{name: {"rc": rc, "seconds": s}}``."""
+    steps: dict[str, dict[str, Any]] = {}
+    for item in filter(None, text.split(",")):
+        name, _, rest = item.partition("=")
+        rc, _, seconds = rest.partition(":")
+        steps[name] = {"rc": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(seconds or 0)}
+    return steps
+
+
+def step_error(step: dict[str, Any] | None) -> str:
+    if step is None:
+        return "the step did not run"
+    if step["rc"] == "skipped":
+        return "skipped: the script's time budget was spent"
+    if step["rc"] in (124, 137):
+        return f"killed by its timeout after {step['seconds']} s"
+    return f"the step exited {step['rc']} without figures"
+
+
+def summarize(parts: Path, steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The merged figures (see ``report`` in the module docstring)."""
+    build = read_part(parts, "build") or {}
+    results: dict[str, Any] = {**build, "steps": steps}
+    eager = read_part(parts, "eager")
+    if eager is not None:
+        for key in ("new_tokens", "repeats", "weight_gb", "copy_bandwidth_gb_s", "ceiling_b1_tokens_per_s"):
+            if key in eager:
+                results[key] = eager[key]
+        for key in ("daemon_b1_fraction_of_ceiling", "raw_b1_fraction_of_ceiling"):
+            if key in eager:
+                results[key] = eager[key]
+        results["in_flight"] = eager.get("in_flight", {})
+    modes: dict[str, Any] = {}
+    eager_rates = {n: f["daemon"]["tokens_per_s"] for n, f in (eager or {}).get("in_flight", {}).items()}
+    for mode in MODES:
+        part = read_part(parts, mode)
+        if part is None:
+            modes[mode] = {"error": step_error(steps.get(mode))}
+            continue
+        summary: dict[str, Any] = {
+            k: part[k] for k in ("decode_mode_loaded", "load_seconds", "error", "skipped_in_flight") if k in part
+        }
+        if "error" not in summary and steps.get(mode, {}).get("rc") not in (None, 0):
+            summary["error"] = step_error(steps[mode])
+        counts = part.get("in_flight", {})
+        summary["tokens_per_s"] = {n: f["daemon"]["tokens_per_s"] for n, f in counts.items()}
+        summary["ttft_p50_ms"] = {n: f["daemon"]["ttft_p50_ms"] for n, f in counts.items()}
+        if mode != "eager":
+            summary["vs_eager"] = {
+                n: round(rate / eager_rates[n], 3) for n, rate in summary["tokens_per_s"].items() if eager_rates.get(n)
+            }
+        modes[mode] = summary
+    results["modes"] = modes
+    return results
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(flatten(value, name + "."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    results = summarize(args.parts, parse_status(args.status))
+    results["dry_run"] = args.dry_run
+    if args.json is not None:
+        write_json(args.json, results)
     print("| figure | value |\n|---|---|")
-    for key, value in figures.items():
+    for key, value in flatten(results):
         print(f"| {key} | {value} |")
     if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+        print(f"\nwritten to {args.json}")
+    eager = results["modes"]["eager"]
+    return 0 if "error" not in eager and results.get("in_flight") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    workdir = sub.add_parser("workdir", help="print a fresh folder for the model")
+    workdir.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    build = sub.add_parser("build", help="build the random model on the device and save it")
+    path = sub.add_parser("path", help="the whole path (coordinator + daemon) at each in-flight count")
+    for step in (build, path):
+        step.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+        step.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
+        step.add_argument("--folder", type=Path, required=True, help="the model's folder")
+        step.add_argument("--part", type=Path, required=True, help="where this step writes its figures (JSON)")
+    path.add_argument("--decode", choices=MODES, default="eager", help="the model's decode option")
+    path.add_argument("--raw", action="store_true", help="alternate raw generate runs with the daemon's")
+    path.add_argument("--in-flight", default="1,8,32,64", help="jobs in flight, comma-separated")
+    path.add_argument("--new-tokens", type=int, default=64)
+    path.add_argument("--repeats", type=int, default=2, help="timed runs per count, after one warm-up")
+    path.add_argument("--budget-s", type=float, default=0, help="skip counts that would end past this (0: none)")
+    report = sub.add_parser("report", help="merge the steps' figures, print them, write the JSON")
+    report.add_argument("--parts", type=Path, required=True)
+    report.add_argument("--status", default="", help="name=rc:seconds,... of the script's steps")
+    report.add_argument("--json", type=Path, default=None)
+    report.add_argument("--dry-run", action="store_true", help="mark the figures as a CPU dry run")
+    args = parser.parse_args(argv)
+    if getattr(args, "repeats", 1) < 1 or getattr(args, "new_tokens", 1) < 1:
+        parser.error("--repeats and --new-tokens must be at least 1")
+    commands = {"workdir": cmd_workdir, "build": cmd_build, "path": cmd_path, "report": cmd_report}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
