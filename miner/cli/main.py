@@ -103,44 +103,189 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return status_command(args)
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from miner.cli.config import config_command
+
+    return config_command(args)
+
+
+CONFIG_ENV = "AITBC_MINER_CONFIG"  # the --config default (miner.daemon.settings.CONFIG_ENV)
+STATE_DIR_ENV = "AITBC_MINER_STATE_DIR"
+DEFAULT_CONFIG_HELP = "/etc/aitbc-miner/miner.toml if it exists"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their example lines; each option's help ends with its default when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default in (None, False, argparse.SUPPRESS, [])
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _env_path(name: str, fallback: Path | None) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else fallback
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config`` as every command that loads settings takes it, ``AITBC_MINER_CONFIG`` its default."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_env_path(CONFIG_ENV, None),
+        metavar="FILE",
+        help=f"miner.toml (env: {CONFIG_ENV}; default: {DEFAULT_CONFIG_HELP}); "
+        "AITBC_MINER_* variables override it",
+    )
+
+
+def _epilog(*examples: str, note: str = "") -> str:
+    lines = ["examples:", *(f"  {e}" for e in examples)]
+    return "\n".join(lines + ([f"\n{note}"] if note else []))
+
+
+_SETTINGS_NOTE = (
+    "Every setting can also come from an environment variable: AITBC_MINER_ + its name, __ between\n"
+    "levels (AITBC_MINER_COORDINATOR__URL); lists and tables are JSON. `aitbc-miner config` shows\n"
+    "where each value came from."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aitbc-miner", description="GPU miner worker daemon for the AITBC marketplace"
+        prog="aitbc-miner",
+        description="GPU miner worker daemon for the AITBC marketplace",
+        formatter_class=_HelpFormatter,
+        epilog=_epilog(
+            "aitbc-miner probe                                  # what NVML and torch see",
+            "aitbc-miner config --config /etc/aitbc-miner/miner.toml",
+            "aitbc-miner run --config /etc/aitbc-miner/miner.toml",
+            note="`aitbc-miner COMMAND --help` describes each command.\n" + _SETTINGS_NOTE,
+        ),
     )
     parser.add_argument("--version", action="version", version=f"aitbc-miner {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the miner daemon")
-    run.add_argument("--config", type=Path, default=None, help="miner.toml (default /etc/aitbc-miner/miner.toml)")
-    run.add_argument("--max-jobs", type=int, default=None, metavar="N", help="exit after N jobs end")
+    def command(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter)
+
+    run = command(
+        "run",
+        "run the miner daemon",
+        _epilog(
+            "aitbc-miner run --config /etc/aitbc-miner/miner.toml",
+            "AITBC_MINER_COORDINATOR__API_KEY=... aitbc-miner run --config miner.toml --max-jobs 1",
+            note="Exit status: 0 clean, 1 forced or a start-up failure worth retrying, 2 configuration.\n"
+            + _SETTINGS_NOTE,
+        ),
+    )
+    _add_config_option(run)
+    run.add_argument("--max-jobs", type=int, default=None, metavar="N", help="exit after N jobs end (default: never)")
     run.add_argument(
-        "--exit-when-idle", type=float, default=None, metavar="SECONDS", help="exit after SECONDS with no job"
+        "--exit-when-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after SECONDS with no job (default: never)",
     )
     run.set_defaults(func=_cmd_run)
 
-    probe = sub.add_parser("probe", help="print what this miner would register (GPUs, models, runners)")
-    probe.add_argument("--config", type=Path, default=None)
+    # `aitbc-miner check` (miner/cli/check.py, add_arguments and check_command) is registered here,
+    # after run: command("check", ...), _add_config_option(check), add_arguments(check).
+
+    probe = command(
+        "probe",
+        "print what this miner would register (GPUs, models, runners); changes nothing",
+        _epilog(
+            "aitbc-miner probe",
+            "aitbc-miner probe --config /etc/aitbc-miner/miner.toml --json",
+            note="With AITBC_MINER_FAKE_NVML=FILE the GPUs come from a simulated host (tests, demos).",
+        ),
+    )
+    _add_config_option(probe)
     probe.add_argument("--json", action="store_true", help="machine-readable output")
     probe.set_defaults(func=_cmd_probe)
 
-    keygen = sub.add_parser("keygen", help="create (or show) the miner's Ed25519 receipt key")
-    keygen.add_argument("--state-dir", type=Path, default=Path("/var/lib/aitbc-miner"))
-    keygen.add_argument("--out", type=Path, default=None, help="key file (default STATE_DIR/receipt-key.ed25519)")
+    config = command(
+        "config",
+        "print the effective settings and where each came from (file, env, credential, default); secrets masked",
+        _epilog(
+            "aitbc-miner config --config /etc/aitbc-miner/miner.toml",
+            "AITBC_MINER_CONCURRENCY=2 aitbc-miner config --config miner.toml --json",
+            note="Loads the settings exactly as `run` does: a configuration run rejects exits 2 here too.",
+        ),
+    )
+    _add_config_option(config)
+    config.add_argument(
+        "--json", action="store_true", help="print JSON: config_file and settings [{setting, value, source, from}]"
+    )
+    config.set_defaults(func=_cmd_config)
+
+    keygen = command(
+        "keygen",
+        "create (or show) the miner's Ed25519 receipt key",
+        _epilog("aitbc-miner keygen --state-dir /var/lib/aitbc-miner", "aitbc-miner keygen --out ./key --force"),
+    )
+    keygen.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_env_path(STATE_DIR_ENV, Path("/var/lib/aitbc-miner")),
+        metavar="DIR",
+        help=f"the miner's state folder, as state_dir in miner.toml (env: {STATE_DIR_ENV})",
+    )
+    keygen.add_argument(
+        "--out", type=Path, default=None, metavar="FILE", help="key file (default: DIR/receipt-key.ed25519)"
+    )
     keygen.add_argument("--force", action="store_true", help="replace an existing key")
     keygen.set_defaults(func=_cmd_keygen)
 
-    verify = sub.add_parser("verify-receipt", help="verify a signed receipt (JSON file, or - for stdin)")
-    verify.add_argument("file")
+    verify = command(
+        "verify-receipt",
+        "verify a signed receipt (JSON file, or - for stdin)",
+        _epilog(
+            "aitbc-miner verify-receipt result.json --public-key KEY_ID",
+            "curl -s .../result | aitbc-miner verify-receipt -",
+            note="Exit status: 0 valid, 1 invalid, 2 unreadable.",
+        ),
+    )
+    verify.add_argument("file", help="a receipt, a result body ({\"receipt\": ...}) or a result answer; - for stdin")
     verify.add_argument("--public-key", default=None, help="expected signer's key_id (url-safe base64)")
-    verify.add_argument("--public-key-file", default=None, help="file holding the expected key_id")
+    verify.add_argument("--public-key-file", default=None, metavar="FILE", help="file holding the expected key_id")
     verify.set_defaults(func=_cmd_verify_receipt)
 
-    coord = sub.add_parser("coordinator", help="run the local coordinator (published Coordinator API)")
-    coord.add_argument("--host", default="127.0.0.1")
-    coord.add_argument("--port", type=int, default=8011)
-    coord.add_argument("--db", type=Path, default=Path("coordinator.db"), help="SQLite file")
-    coord.add_argument("--client-key", action="append", default=[], help="client API key (repeatable)")
-    coord.add_argument("--miner-key", action="append", default=[], help="miner API key (repeatable)")
+    coord = command(
+        "coordinator",
+        "run the local coordinator (published Coordinator API); needs the 'coordinator' extra",
+        _epilog(
+            "aitbc-miner coordinator                            # loopback, keys generated and printed",
+            "aitbc-miner coordinator --host 0.0.0.0 --client-key CK --miner-key MK --db /srv/coord.db",
+        ),
+    )
+    coord.add_argument("--host", default="127.0.0.1", help="listen address; beyond loopback keys are required")
+    coord.add_argument("--port", type=int, default=8011, help="listen port")
+    coord.add_argument("--db", type=Path, default=Path("coordinator.db"), metavar="FILE", help="SQLite file")
+    coord.add_argument(
+        "--client-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="client API key, repeatable (env: AITBC_COORDINATOR_CLIENT_KEYS)",
+    )
+    coord.add_argument(
+        "--miner-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="miner API key, repeatable (env: AITBC_COORDINATOR_MINER_KEYS)",
+    )
     coord.add_argument("--lease-seconds", type=float, default=60.0, help="miner lease without heartbeats")
     coord.add_argument(
         "--quirks",
@@ -149,16 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="emulate the reference service's quirks (PROTOCOL.md section B) for miner tests",
     )
     coord.add_argument("--no-rate-limits", action="store_true", help="turn off the per-client-key rate limits")
-    coord.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    coord.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log level"
+    )
     coord.set_defaults(func=_cmd_coordinator)
 
-    demo = sub.add_parser("demo", help="run a local coordinator and a miner, submit a job, show the verified receipt")
-    demo.add_argument("--runner", choices=["auto", "fake", "transformers"], default="auto")
-    demo.add_argument("--prompt", default="The GPU miner says")
+    demo = command(
+        "demo",
+        "run a local coordinator and a miner, submit a job, show the verified receipt; needs the 'coordinator' extra",
+        _epilog("aitbc-miner demo", "aitbc-miner demo --runner fake --prompt 'Hello'"),
+    )
+    demo.add_argument(
+        "--runner",
+        choices=["auto", "fake", "transformers"],
+        default="auto",
+        help="auto: transformers when torch is installed, else fake",
+    )
+    demo.add_argument("--prompt", default="The GPU miner says", help="the demo job's prompt")
     demo.set_defaults(func=_cmd_demo)
 
-    status = sub.add_parser("status", help="summarise a running miner from its metrics endpoint")
-    status.add_argument("--url", default="http://127.0.0.1:9477")
+    status = command(
+        "status",
+        "summarise a running miner from its metrics endpoint",
+        _epilog("aitbc-miner status", "aitbc-miner status --url http://10.0.0.5:9477"),
+    )
+    status.add_argument("--url", default="http://127.0.0.1:9477", help="the miner's metrics.listen, as a URL")
     status.set_defaults(func=_cmd_status)
     return parser
 

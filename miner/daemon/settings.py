@@ -11,17 +11,26 @@ Plain ``http://`` to a coordinator that is not on loopback is refused unless
 can mask them all in its logs.
 
 :func:`load_settings` turns any validation error into a :class:`ConfigError` whose one
-line names the setting and how to fix it.
+line names the setting, where its value came from and how to fix it: a bad value from an
+environment variable names the variable, not the TOML file; a list or table variable that is
+not JSON names the variable; an ``AITBC_MINER_*`` variable that is no setting stops start-up
+naming the closest known one, as an unknown TOML key does. ``AITBC_MINER_CONFIG`` (the
+``--config`` default) is the one variable under the prefix that is not a setting.
+:meth:`MinerSettings.origin` says where each effective value came from (``aitbc-miner config``).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import socket
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -36,9 +45,9 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from miner.wire.errors import ConfigError
@@ -48,6 +57,7 @@ from runners.base import ModelSpec
 
 DEFAULT_CONFIG = Path("/etc/aitbc-miner/miner.toml")
 ENV_PREFIX = "AITBC_MINER_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"  # the --config default; the one AITBC_MINER_ variable that is not a setting
 CREDENTIAL_NAME = "api-key"
 MAX_RESULT_BYTES_CEILING = 64 << 20
 MAX_SLOTS = 256  # the most jobs one miner holds in flight
@@ -145,8 +155,9 @@ class MinerSettings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
-    # Set by load_settings; not a setting.
+    # Set by load_settings; not settings.
     _config_path: Path | None = None
+    _sources: LoadedSources | None = None
 
     @field_validator("models")
     @classmethod
@@ -173,10 +184,10 @@ class MinerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _TOML_FILE.get("path")
+        toml_data = _TOML_FILE.get("data")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        if toml_data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=toml_data))
         return tuple(sources)
 
     def api_key(self) -> str:
@@ -198,6 +209,24 @@ class MinerSettings(BaseSettings):
             "coordinator.api_key: no API key; set coordinator.api_key_file in the config, "
             f"{ENV_PREFIX}COORDINATOR__API_KEY, or LoadCredential={CREDENTIAL_NAME}:... in the systemd unit"
         )
+
+    def api_key_source(self) -> str | None:
+        """Where :meth:`api_key` would read the key, without reading it: ``coordinator.api_key``,
+        ``coordinator.api_key_file``, ``$CREDENTIALS_DIRECTORY/api-key``, or ``None`` (no key)."""
+        c = self.coordinator
+        if c.api_key is not None and c.api_key.get_secret_value():
+            return "coordinator.api_key"
+        if c.api_key_file is not None:
+            return "coordinator.api_key_file"
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
+            return f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"
+        return None
+
+    def origin(self, loc: Sequence[str | int]) -> Origin:
+        """Where the effective value at ``loc`` (e.g. ``("coordinator", "url")``, ``("models", 0, "path")``)
+        came from: the command line, an environment variable, the TOML file, or the default."""
+        return (self._sources or LoadedSources()).origin(loc)
 
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, to be masked in logs (never raises).
@@ -245,6 +274,12 @@ class MinerSettings(BaseSettings):
         return self._config_path
 
 
+def is_secret_option(name: str) -> bool:
+    """True for a ``[[models]]`` option whose value is a secret (``api_key``, ``*_api_key``, ``*token``,
+    ``*password``, ``*secret``): logs and ``aitbc-miner config`` never show it."""
+    return bool(_SECRET_OPTION.search(name))
+
+
 def _walk_options(options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """``(name, value)`` of every option, descending into nested tables and lists of tables."""
     for name, value in options.items():
@@ -255,18 +290,171 @@ def _walk_options(options: dict[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield from _walk_options(item)
 
 
-# The TOML path is chosen at run time; settings_customise_sources is a classmethod, so the
-# path is handed over here for the duration of one load_settings call.
-_TOML_FILE: dict[str, Path | None] = {}
+@dataclass(frozen=True)
+class Origin:
+    """Where one setting's value came from. ``kind``: ``cli``, ``env``, ``file``, ``credential`` or
+    ``default``; ``where``: the variable, the file's path, the credential's path ("" for a default)."""
+
+    kind: Literal["cli", "env", "file", "credential", "default"]
+    where: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.where}".strip()
 
 
-def _format_error(exc: ValidationError, config_path: Path | None) -> str:
+@dataclass(frozen=True)
+class LoadedSources:
+    """What one :func:`load_settings` call read: the TOML data, the ``AITBC_MINER_*`` variables
+    (names upper-cased) and the keyword overrides."""
+
+    config_path: Path | None = None
+    toml: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    overrides: frozenset[str] = frozenset()
+
+    def env_var(self, loc: Sequence[str | int]) -> str | None:
+        """The variable that set ``loc``: ``PREFIX_SECTION__FIELD``, else the JSON one of its top level."""
+        names = [str(p) for p in loc]
+        if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], str):
+            nested = f"{ENV_PREFIX}{names[0].upper()}__{names[1].upper()}"
+            if nested in self.env:
+                return nested
+        if loc and isinstance(loc[0], str) and f"{ENV_PREFIX}{names[0].upper()}" in self.env:
+            return f"{ENV_PREFIX}{names[0].upper()}"
+        return None
+
+    def in_file(self, loc: Sequence[str | int]) -> bool:
+        node: Any = self.toml
+        for part in loc:
+            in_list = isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node)
+            in_table = isinstance(part, str) and isinstance(node, Mapping) and part in node
+            if not (in_list or in_table):
+                return False
+            node = node[part]
+        return True
+
+    def origin(self, loc: Sequence[str | int]) -> Origin:
+        if loc and loc[0] in self.overrides:
+            return Origin("cli")
+        var = self.env_var(loc)
+        if var is not None:
+            return Origin("env", var)
+        if self.config_path is not None and self.in_file(loc):
+            return Origin("file", str(self.config_path))
+        return Origin("default")
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """``("models", 0, "path")`` -> ``models[0].path``."""
+    text = ""
+    for part in loc:
+        if part == "__root__":
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _section_fields() -> dict[str, type[BaseModel]]:
+    return {
+        name: info.annotation
+        for name, info in MinerSettings.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, _Section)
+    }
+
+
+def _is_json_valued(annotation: Any) -> bool:
+    """True for the annotations pydantic-settings decodes as JSON from a variable: lists, tables, models."""
+    if annotation is None:
+        return False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = get_origin(annotation)
+    if origin in (list, dict, set, tuple):
+        return True
+    return any(_is_json_valued(arg) for arg in get_args(annotation) if arg is not type(None)) if origin else False
+
+
+def known_env_variables() -> dict[str, str]:
+    """Every variable that sets something, mapped to the setting's name: ``AITBC_MINER_MINER_ID`` ->
+    ``miner_id``, ``AITBC_MINER_COORDINATOR__URL`` -> ``coordinator.url``, ``AITBC_MINER_GPUS`` ->
+    ``gpus`` (the whole table as JSON); ``AITBC_MINER_CONFIG`` -> ``--config``."""
+    known = {CONFIG_ENV: "--config"}
+    sections = _section_fields()
+    for name in MinerSettings.model_fields:
+        known[f"{ENV_PREFIX}{name.upper()}"] = name
+        for sub in sections[name].model_fields if name in sections else ():
+            known[f"{ENV_PREFIX}{name.upper()}__{sub.upper()}"] = f"{name}.{sub}"
+    return known
+
+
+def _env_annotation(name: str) -> Any:
+    setting = known_env_variables().get(name, "")
+    top, _, sub = setting.partition(".")
+    info = MinerSettings.model_fields.get(top)
+    if info is None:
+        return None
+    if not sub:
+        return info.annotation
+    section = _section_fields().get(top)
+    sub_info = section.model_fields.get(sub) if section is not None else None
+    return sub_info.annotation if sub_info is not None else None
+
+
+def check_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``AITBC_MINER_*`` variables of ``environ`` (names upper-cased, as pydantic-settings reads
+    them case-insensitively), after checking each: an unknown name, or a list or table variable whose
+    value is not JSON, raises a one-line :class:`ConfigError` naming the variable."""
+    known = known_env_variables()
+    found: dict[str, str] = {}
+    for raw_name, value in environ.items():
+        name = raw_name.upper()
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"config error: {raw_name}: not a known setting{hint}; fix its spelling or unset it "
+                f"(every {ENV_PREFIX}* variable names a setting, see docs/configuration.md)"
+            )
+        if _is_json_valued(_env_annotation(name)):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise ConfigError(
+                    f"config error: {raw_name}: not valid JSON ({msg}); lists and tables in environment "
+                    f"variables are JSON, e.g. '[0, 1]' or '{{\"name\": \"llama2\"}}'; fix or unset {raw_name}"
+                ) from exc
+        found[name] = value
+    return found
+
+
+# The TOML data is read at run time; settings_customise_sources is a classmethod, so the data
+# is handed over here for the duration of one load_settings call.
+_TOML_FILE: dict[str, dict[str, Any] | None] = {}
+
+
+def _format_error(exc: ValidationError, sources: LoadedSources) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+    loc_parts: list[str | int] = [p for p in err["loc"] if p != "__root__"]
+    loc = format_loc(loc_parts)
+    config_path = sources.config_path
     where = f" in {config_path}" if config_path else ""
-    env_name = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int)) if loc else ""
+    env_name = _env_name(loc_parts)
     msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
+    origin = sources.origin(loc_parts) if loc_parts else Origin("default")
+    levels_in_var = origin.where.removeprefix(ENV_PREFIX).count("__") + 1
+    if origin.kind == "env" and len(loc_parts) > levels_in_var:
+        # The value came in a JSON variable holding the whole list or table.
+        verb = "remove" if err["type"] == "extra_forbidden" else ("set" if err["type"] == "missing" else "fix")
+        fix = f"{verb} {loc} in {origin.where}"
+    elif origin.kind == "env":
+        overrides = f" (it overrides {loc}{where})" if config_path and sources.in_file(loc_parts) else ""
+        fix = f"fix or unset {origin.where}{overrides}"
+    elif origin.kind == "cli":
+        fix = f"fix the command line's {loc}"
+    elif err["type"] == "missing":
         fix = f"set {loc}{where}" + (f" or {env_name}" if env_name else "")
     elif err["type"] == "extra_forbidden":
         fix = f"remove {loc}{where}; it is not a known setting (check its spelling)"
@@ -276,11 +464,32 @@ def _format_error(exc: ValidationError, config_path: Path | None) -> str:
     return f"config error: {loc + ': ' if loc else ''}{msg}; {fix}{extra}"
 
 
+def _env_name(loc: Sequence[str | int]) -> str:
+    """The variable for ``loc``: ``PREFIX_SECTION__FIELD`` inside a table, else ``PREFIX_TOP``."""
+    if not loc or not isinstance(loc[0], str):
+        return ""
+    top = f"{ENV_PREFIX}{loc[0].upper()}"
+    if len(loc) >= 2 and isinstance(loc[1], str) and loc[0] in _section_fields():
+        return f"{top}__{loc[1].upper()}"
+    return top
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path} is not valid TOML: {exc}; fix the file") from exc
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from exc
+
+
 def load_settings(config_path: Path | str | None = None, **overrides: Any) -> MinerSettings:
     """Load and validate settings. ``config_path=None`` uses the default file if it exists.
 
-    Raises :class:`ConfigError` (one line) for a missing file named explicitly, a
-    malformed TOML file, or any invalid setting.
+    Raises :class:`ConfigError` (one line) for a missing file named explicitly, a malformed
+    TOML file, an unknown ``AITBC_MINER_*`` variable, a list or table variable that is not
+    JSON, or any invalid setting (naming the variable when the value came from one).
     """
     candidate = Path(config_path) if config_path is not None else DEFAULT_CONFIG
     path: Path | None = candidate
@@ -292,16 +501,20 @@ def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Mi
         path = None
     elif candidate.is_dir():
         raise ConfigError(f"config error: {candidate} is a folder; pass --config with the path of your miner.toml")
-    _TOML_FILE["path"] = path
+    env = check_environment(os.environ)
+    toml_data = _read_toml(path) if path is not None else None
+    sources = LoadedSources(path, toml_data or {}, env, frozenset(overrides))
+    _TOML_FILE["data"] = toml_data
     try:
         settings = MinerSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, path)) from exc
-    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
-        raise ConfigError(f"config error: {path} is not valid TOML: {exc}; fix the file") from exc
-    except OSError as exc:
-        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(_format_error(exc, sources)) from exc
+    except ValueError as exc:  # pydantic-settings' SettingsError: a variable it could not decode
+        raise ConfigError(
+            f"config error: an {ENV_PREFIX}* variable could not be read: {exc}; fix or unset it"
+        ) from exc
     finally:
         _TOML_FILE.clear()
     settings._config_path = path
+    settings._sources = sources
     return settings

@@ -107,3 +107,47 @@ def test_demo_auto_uses_the_transformers_runner_when_installed() -> None:
     assert done.returncode == 0, done.stderr
     assert "transformers runner" in done.stdout and "receipt verified" in done.stdout
     assert '"runner": "transformers"' in done.stdout
+
+
+def _subcommands() -> dict[str, object]:
+    from miner.cli.main import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices or {})
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_command_help_has_defaults_and_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`aitbc-miner COMMAND --help`: exit 0, an examples block that uses the command, defaults shown."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    examples = text.split("examples:", 1)[1]
+    assert f"aitbc-miner {command}" in examples
+    if command in {"run", "probe", "config"}:
+        assert "env: AITBC_MINER_CONFIG" in text and "/etc/aitbc-miner/miner.toml" in text
+    if command in {"keygen", "coordinator", "status"}:
+        assert "(default: " in text
+
+
+def test_help_names_option_defaults_and_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["coordinator", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "listen port (default: 8011)" in text
+    assert "env: AITBC_COORDINATOR_MINER_KEYS" in text
+    with pytest.raises(SystemExit):
+        main(["keygen", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "env: AITBC_MINER_STATE_DIR" in text and "(default: /var/lib/aitbc-miner)" in text
+
+
+def test_version_comes_from_the_package(capsys: pytest.CaptureFixture[str]) -> None:
+    import miner
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"aitbc-miner {miner.__version__}"
