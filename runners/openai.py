@@ -168,6 +168,7 @@ class OpenAIRunner:
             engine.served[spec.name] = served.served_model
         self._engines = list(engines.values())
         client = self._client = httpx.AsyncClient(timeout=httpx.Timeout(_CHECK_TIMEOUT_S), follow_redirects=False)
+        log.info("engines_checking", engines=[e.base_url for e in self._engines], timeout_s=_CHECK_TIMEOUT_S)
         await asyncio.gather(*(engine.check(client) for engine in self._engines))
         self._tasks = [
             asyncio.create_task(engine.recheck_forever(client), name=f"openai-recheck {engine.base_url}")

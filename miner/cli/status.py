@@ -45,12 +45,24 @@ def summarise(metrics_text: str, health_status: int, health_body: str, now: floa
         f"jobs: {jobs}; {int(one('aitbc_miner_inflight_jobs'))} in flight; "
         f"{int(one('aitbc_miner_outbox_depth'))} waiting in the outbox"
     )
+    lines.append(_work_line(s, one("aitbc_miner_price_per_gpu_second"), one("aitbc_miner_idle_seconds")))
     last = one("aitbc_miner_last_heartbeat_timestamp_seconds")
     lines.append(f"last heartbeat: {now - last:.0f}s ago" if last > 0 else "last heartbeat: none yet")
     models = sorted(labels["model"] for labels, value in s.get("aitbc_miner_model_loaded", []) if value)
     lines.append("models ready: " + (", ".join(models) if models else "none"))
     lines.extend(_gpu_lines(s))
     return lines
+
+
+def _work_line(s: dict[str, list[tuple[dict[str, str], float]]], price: float, idle_s: float) -> str:
+    """Tokens, GPU-seconds and the earnings they represent at the advertised price, since start."""
+    tokens = sum(value for _, value in s.get("aitbc_miner_completion_tokens_total", []))
+    gpu_seconds = sum(value for _, value in s.get("aitbc_miner_units_total", []))
+    idle = f"idle for {idle_s:.0f}s" if idle_s > 0 else "working"
+    return (
+        f"since start: {int(tokens)} tokens, {gpu_seconds:.1f} GPU-seconds, earnings {gpu_seconds * price:.6g} "
+        f"at {price:g} per GPU-second; {idle}"
+    )
 
 
 def _gpu_lines(s: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:

@@ -8,8 +8,9 @@ of start-up: it runs inside the TaskGroup and retries forever, so a coordinator 
 down for a while never gets the service killed and its models reloaded.
 
 The TaskGroup holds the session (register, then heartbeat), the outbox flusher, the
-claim slots of the :class:`~miner.daemon.pipeline.JobPipeline`, the systemd watchdog
-and, with ``--exit-when-idle``, the idle watch.
+claim slots of the :class:`~miner.daemon.pipeline.JobPipeline`, the systemd watchdog,
+the summary and idle lines (:mod:`miner.daemon.summary`) and, with ``--exit-when-idle``,
+the idle watch.
 
 Shutdown (first SIGTERM/SIGINT, ``--max-jobs`` reached, or idle): stop claiming, let the
 polls already sent answer, keep heartbeating, ``STOPPING=1``, let in-flight jobs finish
@@ -44,6 +45,7 @@ from miner.daemon.session import Session, SessionHooks
 from miner.daemon.settings import MAX_SLOTS, MinerSettings
 from miner.daemon.signals import capture_signals
 from miner.daemon.statelock import StateLock
+from miner.daemon.summary import Activity, Reachability
 from miner.ops.health import HealthState
 from miner.ops.logs import register_secret
 from miner.ops.metrics import MinerMetrics
@@ -120,6 +122,8 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self._main_task: asyncio.Task[Any] | None = None
         self._slots: int | None = None
+        self.activity: Activity | None = None
+        self.reachability = Reachability()
 
     # -- what tests and tools read ------------------------------------------------------
 
@@ -210,9 +214,7 @@ class Agent:
             ca_file=s.coordinator.ca_file,
             transport=self._transport,
             client=self._http_client,
-            observe=lambda endpoint, seconds, error: self.metrics.observe_request(
-                endpoint=endpoint, seconds=seconds, error=error
-            ),
+            observe=self._observe_request,
         )
         warning = s.insecure_transport_warning()
         if warning:
@@ -279,6 +281,14 @@ class Agent:
             slots=self.slots,
             on_not_registered=lambda: self.session.lost() if self.session is not None else None,
         )
+        self.activity = Activity(
+            price=s.price,
+            region=s.region,
+            models=lambda: list(self.capabilities.get("models", [])),
+            answers=lambda: claimer.answers,
+            idle_warning_s=s.log.idle_warning_s,
+        )
+        self.metrics.watch_activity(price=s.price, idle_for=self.activity.idle_for)
         self.pipeline = pipeline = JobPipeline(
             claimer=claimer,
             executor=executor,
@@ -293,6 +303,7 @@ class Agent:
             capacity=runtime.capacity,
             max_jobs=self.max_jobs,
             poll_bound_s=c.long_poll_s + c.timeout_s,
+            activity=self.activity,
         )
         hooks = SessionHooks(
             capabilities=self._capabilities_now,
@@ -342,6 +353,7 @@ class Agent:
                 tg.create_task(self.deliverer.run(), name="outbox-flusher"),
                 tg.create_task(self._watchdog_loop(), name="watchdog"),
                 tg.create_task(self._idle_loop(), name="idle-watch"),
+                tg.create_task(self._summary_loop(), name="summary"),
             ]
             slots = [tg.create_task(pipeline.run_slot(i), name=f"slot-{i}") for i in range(self.slots)]
             self.deliverer.wake.set()
@@ -408,6 +420,31 @@ class Agent:
                 self.request_exit(f"idle for {self.exit_when_idle:g}s")
                 return
             await asyncio.sleep(max(0.05, self.exit_when_idle - idle))
+
+    async def _summary_loop(self) -> None:
+        """The ``miner_summary`` line every ``log.summary_interval_s``; ``miner_idle`` once per long idle spell."""
+        activity, log_settings = self.activity, self.settings.log
+        interval, idle_after = log_settings.summary_interval_s, log_settings.idle_warning_s
+        periods = [p for p in (interval, idle_after) if p > 0]
+        if activity is None or not periods:
+            return
+        step = min(max(min(periods) / 4, 0.05), 5.0)
+        next_summary = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(step)
+            if interval > 0 and time.monotonic() >= next_summary:
+                log.info("miner_summary", **activity.take_summary())
+                next_summary = time.monotonic() + interval
+            warning = activity.idle_warning()
+            if warning is not None:
+                log.warning("miner_idle", **warning)
+
+    def _observe_request(self, endpoint: str, seconds: float, error: str | None) -> None:
+        self.metrics.observe_request(endpoint=endpoint, seconds=seconds, error=error)
+        outage = self.reachability.observe(error)
+        if outage is not None:
+            down_s, failures = outage
+            log.info("coordinator_reachable_again", after_s=round(down_s, 1), failed_requests=failures)
 
     async def _probe_state_dir(self) -> None:
         """Check that the state folder can take an outcome (every heartbeat); stop claiming if not."""

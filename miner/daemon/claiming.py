@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ class Claimer:
         self._on_not_registered = on_not_registered
         self.polls = 0
         self.empty_polls = 0
+        # How polls were answered: job | empty | rate_limited | not_registered | auth | error.
+        self.answers: Counter[str] = Counter()
 
     def _jitter(self, seconds: float) -> float:
         return seconds * (0.8 + 0.4 * self._rng())
@@ -117,13 +120,16 @@ class Claimer:
         try:
             job = await self.client.poll(self.long_poll_s)
         except CoordinatorError as exc:
+            self.answers[_answer_kind(exc)] += 1
             slot.wait_s = self._wait_after(slot, exc)
             return None
         if slot.errors is not None:
             slot.errors.reset()
         if job is not None:
+            self.answers["job"] += 1
             slot.idle_polls = 0
             return job
+        self.answers["empty"] += 1
         self.empty_polls += 1
         held = self._clock() - started
         if self.long_poll_s > 0 and held >= LONG_POLL_HELD_SHARE * self.long_poll_s:
@@ -131,3 +137,14 @@ class Claimer:
         else:
             slot.wait_s = self._idle_wait(slot)
         return None
+
+
+def _answer_kind(exc: CoordinatorError) -> str:
+    """The ``answers`` key of a failed poll."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, NotRegistered):
+        return "not_registered"
+    if isinstance(exc, AuthenticationFailed):
+        return "auth"
+    return "error"

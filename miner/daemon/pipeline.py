@@ -34,6 +34,7 @@ from miner.daemon.claiming import Claimer, SlotPacing
 from miner.daemon.client import AssignedJob
 from miner.daemon.delivery import Deliverer
 from miner.daemon.jobs import JobExecutor, JobRun, Outcome, failed_outcome, shutdown_outcome
+from miner.daemon.summary import Activity
 from miner.ops.logs import job_context
 from miner.ops.metrics import MinerMetrics
 from miner.outbox.store import Outbox, OutboxEntry
@@ -74,6 +75,7 @@ class JobPipeline:
         capacity: Callable[[], int | None] = lambda: None,
         max_jobs: int | None = None,
         poll_bound_s: float = 30.0,
+        activity: Activity | None = None,
     ) -> None:
         self.claimer = claimer
         self.executor = executor
@@ -87,6 +89,7 @@ class JobPipeline:
         self._configured = frozenset(configured_models)
         self._capacity = capacity
         self.max_jobs = max_jobs
+        self.activity = activity
         self.poll_bound_s = poll_bound_s  # the longest a sent poll may take: long-poll + request timeout
         self.inflight: dict[str, JobRun] = {}
         self.outcomes: Counter[str] = Counter()
@@ -201,6 +204,8 @@ class JobPipeline:
             self.inflight[assigned.job_id] = run
             self.metrics.set_inflight(len(self.inflight))
             self.metrics.job_started(model=self._metric_model(run))
+            if self.activity is not None:
+                self.activity.job_started()
             log.info("job_claimed", slots_busy=len(self.inflight))
             try:
                 if self.stopping:
@@ -264,7 +269,10 @@ class JobPipeline:
             error_code=outcome.code,
             duration_s=outcome.duration_s,
             completion_tokens=outcome.completion_tokens,
+            units=outcome.units,
         )
+        if self.activity is not None:
+            self.activity.job_ended(outcome.outcome_label, outcome.completion_tokens, outcome.units)
         if outcome.kind == "dropped":
             log.info("job_dropped", reason="cancelled by the coordinator; nothing is submitted")
         elif entry is not None:

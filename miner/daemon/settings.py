@@ -123,6 +123,12 @@ class MetricsSettings(_Section):
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    summary_interval_s: float = Field(
+        default=600.0, ge=0, le=86_400, description="a summary line (jobs, tokens, earnings, idle) this often; 0: off"
+    )
+    idle_warning_s: float = Field(
+        default=1800.0, ge=0, le=7 * 86_400, description="warn once, with likely causes, after this long idle; 0: off"
+    )
 
 
 class MinerSettings(BaseSettings):

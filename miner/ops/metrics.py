@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -138,6 +138,10 @@ class MinerMetrics:
         )
         self.gpu_power = Gauge(PREFIX + "gpu_power_watts", "GPU power draw (NVML).", GPU_LABELS, registry=r)
         self.gpus = Gauge(PREFIX + "gpus", "GPUs this miner uses (0 in CPU mode).", registry=r)
+        self.price = Gauge(
+            PREFIX + "price_per_gpu_second", "The asking price advertised (per GPU-second of a job).", registry=r
+        )
+        self.idle = Gauge(PREFIX + "idle_seconds", "Seconds since the last job ended (0 while one runs).", registry=r)
 
         self.model_load_seconds = Gauge(
             PREFIX + "model_load_seconds",
@@ -182,6 +186,11 @@ class MinerMetrics:
         billed = units if units is not None else duration_s
         if _usable(billed):
             self.units.labels(model=model).inc(billed)
+
+    def watch_activity(self, *, price: float, idle_for: Callable[[], float]) -> None:
+        """Publish the advertised price, and the idle time as ``idle_for()`` says at each scrape."""
+        self.price.set(price)
+        self.idle.set_function(idle_for)
 
     def set_inflight(self, n: int) -> None:
         self.inflight.set(n)

@@ -43,9 +43,9 @@ def test_engine_down_at_start_is_not_fatal(free_port_url: str) -> None:
 
     ready, error, logs = asyncio.run(scenario())
     assert ready == []
-    assert len(logs) == 1 and logs[0]["log_level"] == "warning"
-    assert logs[0]["event"] == "engine_unavailable" and "not reachable" in logs[0]["problem"]
-    assert logs[0]["models"] == ["llama2"]
+    assert [e["event"] for e in logs] == ["engines_checking", "engine_unavailable"]  # the wait, then one line
+    assert logs[1]["log_level"] == "warning" and "not reachable" in logs[1]["problem"]
+    assert logs[1]["models"] == ["llama2"]
     assert error.code == ErrorCode.BACKEND_UNAVAILABLE and "is it running?" in error.message
 
 

@@ -213,14 +213,16 @@ def test_summary_lines() -> None:
     m.heartbeat_ok(1000.0)
     m.set_gpu_stats([H200])
     m.set_loaded_models(["llama2"])
+    m.watch_activity(price=0.02, idle_for=lambda: 12.0)
     lines = summarise(m.render().decode(), 503, "draining: not claiming\n", now=1004.0)
     assert lines[0].endswith("UNHEALTHY: draining: not claiming")
     assert lines[1] == (
         "jobs: 1 completed, 1 failed, 0 cancelled (INSUFFICIENT_VRAM x1); 1 in flight; 0 waiting in the outbox"
     )
-    assert lines[2] == "last heartbeat: 4s ago"
-    assert lines[3] == "models ready: llama2"
-    assert lines[4] == "GPU 0 NVIDIA H200: 42.7/140.4 GiB, 40% busy, 51 C, 210 W"
+    assert lines[2] == "since start: 5 tokens, 1.0 GPU-seconds, earnings 0.02 at 0.02 per GPU-second; idle for 12s"
+    assert lines[3] == "last heartbeat: 4s ago"
+    assert lines[4] == "models ready: llama2"
+    assert lines[5] == "GPU 0 NVIDIA H200: 42.7/140.4 GiB, 40% busy, 51 C, 210 W"
 
 
 def test_status_command_against_a_live_endpoint(capsys) -> None:
