@@ -147,7 +147,8 @@ class TransformersRunner:
                 self._context.free_vram_mb,
                 plan.nvml_indices,
             )
-            worker = DeviceWorker(key, {e.name: e for e in group}, probe, plan.gpu_uuids[0] if plan.gpus else None)
+            gpu_uuid = plan.gpu_uuids[0] if plan.gpus else None
+            worker = DeviceWorker(key, {e.name: e for e in group}, probe, gpu_uuid, self._context.state_dir)
             worker.start()
             self._workers[key] = worker
             for entry in group:

@@ -11,6 +11,11 @@ generate stops once every row is finished. Sampling happens in :class:`RowSample
 ``gpu_seconds`` of a result is the job's share of the batch's wall time: each step's
 time divided equally among the rows still running at that step (the shares of a batch
 sum to its wall time).
+
+:func:`run_batch` decodes in the model's decode mode (:mod:`runners.hf.decode`): ``eager``
+(a dynamic KV cache), ``static`` (a static one, compiled on CUDA) or ``continuous``
+(:mod:`runners.hf.continuous`). Per-token stopping (:func:`advance_row`) and result
+building (:func:`finish_row`) are shared by all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -32,8 +38,11 @@ from runners.base import Job, RunResult, stop_error
 from runners.hf.model import LoadedModel
 from runners.params import GenerationParams, apply_stop
 
+log = structlog.get_logger("runners.transformers")
+
 # A batch may restart to take in jobs that arrive during its first 1/RESTART_FRACTION.
 RESTART_FRACTION = 8
+STATIC_CACHE_STEP = 256  # a static KV cache's length is a multiple of this many tokens
 
 
 @dataclass(eq=False)
@@ -146,8 +155,7 @@ class BatchControl(StoppingCriteria):
         self.started = time.monotonic()
         self.last = self.started
         self.first_token_at: float | None = None
-        # Tokens to decode when looking for a stop string: enough for its bytes, one per token.
-        self.windows = [4 * max((len(s) for s in row.params.stop), default=0) + 8 for row in rows]
+        self.windows = [stop_window(row) for row in rows]
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
@@ -162,21 +170,11 @@ class BatchControl(StoppingCriteria):
         for i, row in enumerate(self.rows):
             if row.done:
                 continue
-            token = last[i]
-            if token in self.loaded.eos_ids:
-                self.finish(row, "stop")
-                continue
-            row.tokens.append(token)
-            error = stop_error(row.request.job, closing)
-            if error is not None:
-                self.fail(
-                    row,
-                    JobError(error.code, f"{error.message} (stopped after {len(row.tokens)} of {row.max_new} tokens)"),
-                )
-            elif row.params.stop and self._stop_seen(row, self.windows[i]):
-                self.finish(row, "stop")
-            elif len(row.tokens) >= row.max_new:
-                self.finish(row, "length")
+            outcome = advance_row(self.loaded, row, last[i], closing, self.windows[i])
+            if isinstance(outcome, JobError):
+                self.fail(row, outcome)
+            elif outcome is not None:
+                self.finish(row, outcome)
         self.steps += 1
         if (
             self.late_joiners is not None
@@ -188,43 +186,91 @@ class BatchControl(StoppingCriteria):
             return torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    def _stop_seen(self, row: Row, window: int) -> bool:
-        tail = self.loaded.tokenizer.decode(row.tokens[-window:], skip_special_tokens=True)
-        return any(s in tail for s in row.params.stop)
-
     def fail(self, row: Row, error: BaseException) -> None:
         row.done = True
         row.request.resolve(error)
 
     def finish(self, row: Row, reason: str) -> None:
-        row.done = True
-        now = time.monotonic()
-        text = self.loaded.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        text, stopped = apply_stop(text, row.params.stop)
-        if stopped:
-            reason = "stop"
-        first = self.first_token_at or now
-        elapsed = max(now - self.started, 1e-9)
-        entry = self.loaded.entry
-        row.request.resolve(
-            RunResult(
-                output=text,
-                finish_reason=reason,
-                prompt_tokens=len(row.ids),
-                completion_tokens=len(row.tokens),
-                ttft_ms=round((first - row.request.enqueued) * 1000, 3),
-                model_revision=entry.revision,
-                device=entry.plan.key if entry.plan.key != "auto" else str(self.loaded.device),
-                gpu_uuid=self.gpu_uuid,
-                gpu_seconds=round(row.device_seconds, 6),
-                extra={"tokens_per_s": round(len(row.tokens) / elapsed, 2), "batch_size": len(self.rows)},
-            )
+        finish_row(self.loaded, row, reason, self.gpu_uuid, self.started, self.first_token_at, len(self.rows))
+
+
+def stop_window(row: Row) -> int:
+    """Tokens to decode when looking for a stop string: enough for its bytes, one per token."""
+    return 4 * max((len(s) for s in row.params.stop), default=0) + 8
+
+
+def advance_row(loaded: LoadedModel, row: Row, token: int, closing: bool, window: int) -> str | JobError | None:
+    """Take one decoded ``token`` for an unfinished ``row``: its finish reason, its error, or None to go on.
+
+    EOS finishes with ``stop`` (and is not kept); any other token is appended, then a cancel,
+    a deadline or shutdown gives a JobError, a stop string ``stop`` and the row's
+    ``max_new_tokens`` ``length``. Shared by every decode mode, so they stop rows alike.
+    """
+    if token in loaded.eos_ids:
+        return "stop"
+    row.tokens.append(token)
+    error = stop_error(row.request.job, closing)
+    if error is not None:
+        return JobError(error.code, f"{error.message} (stopped after {len(row.tokens)} of {row.max_new} tokens)")
+    if row.params.stop:
+        tail = loaded.tokenizer.decode(row.tokens[-window:], skip_special_tokens=True)
+        if any(s in tail for s in row.params.stop):
+            return "stop"
+    if len(row.tokens) >= row.max_new:
+        return "length"
+    return None
+
+
+def finish_row(
+    loaded: LoadedModel,
+    row: Row,
+    reason: str,
+    gpu_uuid: str | None,
+    started: float,
+    first_token_at: float | None,
+    batch_size: int,
+) -> None:
+    """Mark ``row`` done and resolve its future with its :class:`RunResult` (every decode mode builds it here).
+
+    ``started`` is when its batch began, ``first_token_at`` when its first token was seen
+    (None: now); the text is cut at the first stop string.
+    """
+    row.done = True
+    now = time.monotonic()
+    text = loaded.tokenizer.decode(row.tokens, skip_special_tokens=True)
+    text, stopped = apply_stop(text, row.params.stop)
+    if stopped:
+        reason = "stop"
+    first = first_token_at or now
+    elapsed = max(now - started, 1e-9)
+    entry = loaded.entry
+    row.request.resolve(
+        RunResult(
+            output=text,
+            finish_reason=reason,
+            prompt_tokens=len(row.ids),
+            completion_tokens=len(row.tokens),
+            ttft_ms=round((first - row.request.enqueued) * 1000, 3),
+            model_revision=entry.revision,
+            device=entry.plan.key if entry.plan.key != "auto" else str(loaded.device),
+            gpu_uuid=gpu_uuid,
+            gpu_seconds=round(row.device_seconds, 6),
+            extra={"tokens_per_s": round(len(row.tokens) / elapsed, 2), "batch_size": batch_size},
         )
+    )
 
 
-def generation_config(loaded: LoadedModel, params: GenerationParams, max_new: int) -> GenerationConfig:
-    """Every decoding setting spelled out, so the checkpoint's generation defaults never apply."""
-    return GenerationConfig(
+def generation_config(
+    loaded: LoadedModel, params: GenerationParams, max_new: int, mode: str = "eager", width: int = 0
+) -> GenerationConfig:
+    """Every decoding setting spelled out, so the checkpoint's generation defaults never apply.
+
+    ``mode="static"`` adds a static KV cache sized for ``width`` prompt tokens plus
+    ``max_new`` (rounded up to :data:`STATIC_CACHE_STEP`, so similar batches reuse one
+    compiled graph); transformers compiles the forward (CUDA graphs) on CUDA only, and
+    compiling is switched off elsewhere.
+    """
+    config = GenerationConfig(
         max_new_tokens=max_new,
         do_sample=False,  # RowSampler samples; generate takes its argmax
         num_beams=1,
@@ -235,6 +281,11 @@ def generation_config(loaded: LoadedModel, params: GenerationParams, max_new: in
         eos_token_id=sorted(loaded.eos_ids) or None,
         use_cache=True,
     )
+    if mode == "static":
+        config.cache_implementation = "static"
+        config.max_cache_len = -(-(width + max_new) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+        config.disable_compile = loaded.device.type != "cuda"
+    return config
 
 
 def run_batch(
@@ -243,8 +294,15 @@ def run_batch(
     closing: threading.Event,
     gpu_uuid: str | None,
     late_joiners: Callable[[], bool] | None = None,
+    mode: str | None = None,
 ) -> bool:
     """Generate for ``rows`` (same model, same sampling key) and resolve every row's future.
+
+    Decodes in ``mode`` (default ``loaded.decode_mode``): ``eager`` and ``static`` run one
+    ``generate`` here (``static``: see :func:`generation_config`); ``continuous`` runs
+    :func:`runners.hf.continuous.run_continuous`, except for a batch it refuses
+    (:func:`runners.hf.continuous.refusal`: sampled or repetition-penalised jobs), which
+    runs eager. Every mode gives the same output, stops rows alike and splits time alike.
 
     ``late_joiners()`` is asked after each of the first steps (the first 1/``RESTART_FRACTION``
     of the longest row): when it says compatible jobs are now waiting, generation stops and
@@ -253,6 +311,15 @@ def run_batch(
     Raises what ``generate`` raises (out-of-memory, device errors); rows already finished
     keep their results, the others stay ``done=False`` for the caller to retry or fail.
     """
+    mode = mode or loaded.decode_mode
+    if mode == "continuous":
+        from runners.hf.continuous import refusal, run_continuous  # it imports this module
+
+        reason = refusal(rows[0].params)
+        if reason is None:
+            return run_continuous(loaded, rows, closing, gpu_uuid, late_joiners)
+        log.debug("decode_mode_fallback", model=loaded.name, mode=mode, used="eager", reason=reason)
+        mode = "eager"
     width = max(len(row.ids) for row in rows)
     input_ids = torch.full((len(rows), width), loaded.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -265,11 +332,12 @@ def run_batch(
     params = rows[0].params
     control = BatchControl(loaded, rows, closing, gpu_uuid, late_joiners)
     processors = LogitsProcessorList([RowSampler(rows, params)] if not params.greedy else [])
+    max_new = max(row.max_new for row in rows)
     with torch.inference_mode():
         loaded.model.generate(
             input_ids=input_ids.to(loaded.device),
             attention_mask=mask.to(loaded.device),
-            generation_config=generation_config(loaded, params, max(row.max_new for row in rows)),
+            generation_config=generation_config(loaded, params, max_new, mode, width),
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([control]),
         )

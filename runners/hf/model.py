@@ -94,6 +94,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     batch_cap: int = 0  # lowered after an out-of-memory, grows back on success
     decode_mode: str = "eager"  # eager | static | continuous (runners.hf.batch.run_batch)
+    decode_chosen: bool = False  # set once runners.hf.decode.resolve_decode_mode has run for this load
 
     @property
     def name(self) -> str:

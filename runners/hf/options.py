@@ -25,10 +25,11 @@
                         (default 30 ms)
 ``attn_implementation`` ``sdpa`` | ``eager`` | ``flash_attention_2`` (default: transformers')
 ``decode``              ``auto`` (default) | ``eager`` | ``static`` | ``continuous``: how decoding
-                        runs. ``static``: a static KV cache with ``torch.compile`` (CUDA graphs);
-                        ``continuous``: transformers' continuous batching with paged attention;
-                        ``auto``: eager on the CPU, on CUDA the fastest of the three as measured
-                        at start (cached in the state folder)
+                        runs. ``static``: a static KV cache, with ``torch.compile`` (CUDA graphs)
+                        on CUDA only; ``continuous``: transformers' continuous batching with paged
+                        attention, greedy jobs only (sampled ones run eager); ``auto``: eager on
+                        the CPU, on CUDA the fastest of the three as measured at start (cached in
+                        ``state_dir/decode_modes.json``; :mod:`runners.hf.decode`)
 ``memory_budget_mb``    cap on what this runner's models and batches may use on the device
                         (with the CUDA free memory when both apply); also enforced on the CPU
 """

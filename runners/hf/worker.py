@@ -33,6 +33,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -42,6 +43,7 @@ from miner.wire.errors import DeviceError, ErrorCode, JobError
 from runners.hf import model as hf_model
 from runners.hf.batch import Request, Row, run_batch, settle_threadsafe, stop_error
 from runners.hf.cache import ModelCache
+from runners.hf.decode import check_option, resolve_decode_mode
 from runners.hf.device import FATAL_MARKERS, MemoryProbe, is_device_fatal, is_out_of_memory
 from runners.hf.memory import MemoryEstimate, estimate_bytes, mib
 from runners.hf.model import LoadedModel, ModelEntry
@@ -76,8 +78,20 @@ class Command:
 class DeviceWorker:
     """Owns one device (``cpu``, ``cuda:N`` or ``auto``): its models, queue and thread."""
 
-    def __init__(self, key: str, entries: dict[str, ModelEntry], probe: MemoryProbe, gpu_uuid: str | None) -> None:
+    def __init__(
+        self,
+        key: str,
+        entries: dict[str, ModelEntry],
+        probe: MemoryProbe,
+        gpu_uuid: str | None,
+        state_dir: Path | None = None,
+    ) -> None:
+        """``state_dir`` keeps the measured ``decode = "auto"`` choices; ConfigError for a decode mode this
+        transformers lacks."""
+        for name, entry in entries.items():
+            check_option(name, entry.options.decode)
         self.key = key
+        self.state_dir = state_dir
         self.entries = entries
         self.plan = next(iter(entries.values())).plan  # every model of a worker shares its device
         self.probe = probe
@@ -233,7 +247,7 @@ class DeviceWorker:
             rows = self._rows(entry, live)
             if not rows:
                 return
-            loaded = self.cache.ensure_loaded(entry, min(self._estimate(entry, [r], True).total for r in rows))
+            loaded = self._ensure_loaded(entry, min(self._estimate(entry, [r], True).total for r in rows))
         except JobError as exc:
             for request in live:
                 request.resolve(exc)
@@ -280,9 +294,17 @@ class DeviceWorker:
 
     def preload(self, name: str) -> str:
         """Load (and warm up) ``name`` now; runs in the worker thread as a command."""
-        self.cache.ensure_loaded(self.entries[name], 0)
+        self._ensure_loaded(self.entries[name], 0)
         self.cache.touch(name)
         return name
+
+    def _ensure_loaded(self, entry: ModelEntry, job_bytes: int) -> LoadedModel:
+        """The resident model (loaded and warmed up if needed) with its decode mode chosen once per load."""
+        loaded = self.cache.ensure_loaded(entry, job_bytes)
+        if not loaded.decode_chosen:
+            loaded.decode_mode = resolve_decode_mode(entry.options.decode, loaded, self.state_dir)
+            loaded.decode_chosen = True
+        return loaded
 
     # --- running batches ------------------------------------------------------------
 
