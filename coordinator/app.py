@@ -1,7 +1,9 @@
 """The FastAPI app factory of the local coordinator.
 
-``create_app`` does no I/O: the SQLite file is opened, and the sweeper task started, by
-the app's lifespan, so one factory call serves one server run.
+``create_app`` does no I/O: the SQLite file is opened, the coordinator's receipt key
+loaded (created beside the database the first time), and the sweeper task started, by
+the app's lifespan, so one factory call serves one server run. docs/protocol.md describes
+the API it serves.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from coordinator.client_api import router as client_router
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import ApiError
 from coordinator.miner_api import router as miner_router
+from coordinator.public_api import router as public_router
 from coordinator.quirks import Behaviour, MinerRateLimits, behaviour_for
 from coordinator.ratelimit import ClientRateLimits
+from coordinator.signing import load_or_create_receipt_key, receipt_key_path
 from coordinator.state import AppConfig
 from coordinator.store import Store
 
@@ -123,6 +127,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     require_receipts: bool = False,
     unheld_grace_s: float = 5.0,
+    receipt_key_file: Path | str | None = None,
 ) -> FastAPI:
     """Build the coordinator app.
 
@@ -131,6 +136,8 @@ def create_app(
     limits ``miner_rate_limits`` replaces. ``require_receipts`` refuses results without
     a signed receipt. A RUNNING job assigned over ``unheld_grace_s`` ago that its miner's
     heartbeat does not list (``metadata.jobs``) never reached the miner and is requeued.
+    ``receipt_key_file`` is the coordinator's receipt key (default: beside the database,
+    ``<db file>.receipt-key``); it is created, mode 0600, when absent.
     """
     config = AppConfig(
         db_path=Path(db_path),
@@ -144,12 +151,14 @@ def create_app(
         clock=clock,
         require_receipts=require_receipts,
         unheld_grace_s=unheld_grace_s,
+        receipt_key_file=Path(receipt_key_file) if receipt_key_file is not None else receipt_key_path(Path(db_path)),
     )
     if not config.client_keys or not config.miner_keys:
         raise ValueError("the coordinator needs at least one client key and one miner key")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.receipt_key = load_or_create_receipt_key(config.receipt_key_file)
         store = Store(config.db_path)
         dispatcher = Dispatcher(store, config.behaviour, lease_seconds=config.lease_seconds,
                                 max_poll_wait=config.max_poll_wait, unheld_grace_s=config.unheld_grace_s,
@@ -168,13 +177,14 @@ def create_app(
     app = FastAPI(
         title="AITBC local coordinator",
         version="1.0",
-        description="The published AITBC Coordinator API plus the miner endpoints, on one machine. "
-        "Payments are a SIMULATED ledger: no funds move.",
+        description="The published AITBC Coordinator API plus the miner endpoints, on one machine "
+        "(docs/protocol.md). Payments are a SIMULATED ledger: no funds move.",
         lifespan=lifespan,
     )
     app.state.config = config
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     _install_error_handlers(app)
+    app.include_router(public_router)
     app.include_router(client_router)
     app.include_router(miner_router)
     return app

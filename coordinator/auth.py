@@ -1,7 +1,8 @@
 """Authentication and rate limiting, as FastAPI dependencies.
 
-Clients and miners both send ``X-Api-Key``; a job belongs to the hash of the client key
-that submitted it (keys themselves are never stored). A miner is named by ``X-Miner-ID``,
+Clients send their key as ``X-Api-Key`` or as ``Authorization: Bearer <client key>`` (the
+AITBC command-line client sends only the latter); miners send ``X-Api-Key``. A job belongs
+to the hash of the client key that submitted it (keys themselves are never stored). A miner is named by ``X-Miner-ID``,
 or by its key when the header is absent (as the reference service does). A miner id is
 bound to the hash of the miner key that first registered it: every miner call under that
 id with another key is refused 403 (not in reference-quirks mode).
@@ -14,13 +15,15 @@ import hmac
 from collections.abc import Awaitable, Callable
 
 from fastapi import Header, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from coordinator.errors import ApiError
 from coordinator.ratelimit import retry_after_header
 from coordinator.state import config_of, dispatcher_of
 
 API_KEY = APIKeyHeader(name="X-Api-Key", auto_error=False, description="client or miner API key")
+BEARER = HTTPBearer(auto_error=False, description="client API key as a bearer token (instead of X-Api-Key)")
+BEARER_CREDENTIALS = Security(BEARER)
 MAX_MINER_ID = 128
 
 
@@ -38,14 +41,37 @@ def is_known_key(api_key: str | None, keys: frozenset[str]) -> bool:
     return found
 
 
-def client_auth(category: str) -> Callable[..., Awaitable[str]]:
-    """A dependency returning the caller's owner id, after the ``category`` rate limit."""
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
-    async def dependency(request: Request, api_key: str | None = Security(API_KEY)) -> str:
+
+def known_client_key(candidates: tuple[str | None, ...], keys: frozenset[str]) -> str | None:
+    """The first of ``candidates`` (X-Api-Key, then the bearer token) that is a client key."""
+    for candidate in candidates:
+        if is_known_key(candidate, keys):
+            return candidate
+    return None
+
+
+def client_auth(category: str) -> Callable[..., Awaitable[str]]:
+    """A dependency returning the caller's owner id, after the ``category`` rate limit.
+
+    The key is read from ``X-Api-Key`` or ``Authorization: Bearer``; either one that is a
+    client key authenticates the call.
+    """
+
+    async def dependency(request: Request, api_key: str | None = Security(API_KEY),
+                         bearer: HTTPAuthorizationCredentials | None = BEARER_CREDENTIALS) -> str:
         config = config_of(request)
-        if not is_known_key(api_key, config.client_keys):
+        token = bearer.credentials if bearer is not None else None
+        found = known_client_key((api_key, token), config.client_keys)
+        if found is None:
             raise ApiError(401, "Invalid API key")
-        assert api_key is not None
+        api_key = found
         owner = key_owner(api_key)
         limits = config.rate_limits
         if limits is not None:

@@ -67,12 +67,13 @@ class Client:
     """Client of one coordinator with one client API key; use as a context manager."""
 
     def __init__(self, base_url: str = "http://localhost:8011", api_key: str = "", *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, bearer: bool = False) -> None:
+        """``bearer=True`` sends the key as ``Authorization: Bearer`` instead of ``X-Api-Key``."""
         if not api_key:
             raise ValueError("api_key is required: pass one of the coordinator's client keys")
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers={"X-Api-Key": api_key}, timeout=timeout,
-                                  transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if bearer else {"X-Api-Key": api_key}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -127,11 +128,30 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{_quote(job_id)}/cancel")
 
-    def get_receipts(self, job_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/jobs/{_quote(job_id)}/receipts")
+    def get_receipts(self, job_id: str, signer: str | None = None) -> list[dict[str, Any]]:
+        """The job's receipts: the miner's, then the coordinator's; ``signer="miner"`` or
+        ``"coordinator"`` keeps one kind (a coordinator receipt has ``signer: "coordinator"``)."""
+        receipts: list[dict[str, Any]] = self._call("GET", f"/v1/jobs/{_quote(job_id)}/receipts")
+        if signer is None:
+            return receipts
+        return [r for r in receipts if (r.get("signer") == "coordinator") == (signer == "coordinator")]
 
     def get_receipt(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{_quote(job_id)}/receipt")
+
+    def list_jobs(self, limit: int = 20, offset: int = 0, state: str | None = None) -> dict[str, Any]:
+        """``{"items": [...], "total", "limit", "offset"}``: this key's jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state is not None:
+            params["state"] = state
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def get_receipt_key(self) -> dict[str, Any]:
+        """``{"alg", "key_id", "signer": "coordinator"}``: the key the coordinator signs its receipts with."""
+        return self._call("GET", "/v1/receipts/key")
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health")
 
     def get_payment(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{_quote(job_id)}/payment")

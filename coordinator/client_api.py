@@ -1,19 +1,24 @@
-"""The published client API: jobs, results, cancellation, payments, receipts, websocket."""
+"""The published client API: jobs, results, cancellation, payments, receipts, websocket.
+
+Also the job list the reference service has (``GET /v1/jobs``). docs/protocol.md
+describes every call.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
-from coordinator.auth import client_auth, is_known_key, key_owner
+from coordinator.auth import bearer_token, client_auth, key_owner, known_client_key
 from coordinator.errors import ApiError
 from coordinator.models import (
     JobCreate,
+    JobList,
     JobResultView,
     JobState,
     JobView,
@@ -28,7 +33,16 @@ from miner.wire.protocol import utc_iso
 
 router = APIRouter(prefix="/v1/jobs", tags=["client"])
 
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "EXPIRED"})
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CANCELED", "EXPIRED"})
+# A state filter of GET /v1/jobs (any case) -> the stored states it selects.
+STATE_FILTERS: dict[str, tuple[str, ...]] = {
+    "QUEUED": ("QUEUED",), "RUNNING": ("RUNNING",), "COMPLETED": ("COMPLETED",), "FAILED": ("FAILED",),
+    "CANCELLED": ("CANCELLED", "CANCELED"), "CANCELED": ("CANCELLED", "CANCELED"), "EXPIRED": ("EXPIRED",),
+}
+StateFilter = Literal["QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CANCELED", "EXPIRED",
+                      "queued", "running", "completed", "failed", "cancelled", "canceled", "expired"]
+STATE_QUERY = Query(None, description="only jobs in this state (CANCELLED and CANCELED alike)")
+STATUS_QUERY = Query(None, description="the same filter under the reference service's name")
 JobId = Path(..., min_length=1, max_length=128, description="the job id from POST /v1/jobs")
 
 
@@ -66,9 +80,26 @@ async def submit_job(body: JobCreate, request: Request, owner: str = Depends(cli
     """Submit a job; it is QUEUED until a matching miner claims it."""
     dispatcher = dispatcher_of(request)
     constraints = body.constraints.model_dump(exclude_none=True) if body.constraints else {}
-    job = dispatcher.submit(owner, body.payload, constraints, body.ttl_seconds, body.payment_amount,
-                            body.payment_currency)
+    amount = body.payment_amount or None  # 0 means no payment, as at the reference service
+    job = dispatcher.submit(owner, body.payload, constraints, body.ttl_seconds, amount, body.payment_currency)
     return job_view(dispatcher.store, job)
+
+
+@router.get("", response_model=JobList, responses=_errors())
+async def list_jobs(
+    request: Request,
+    limit: int = Query(20, ge=1, le=100, description="page size (at most 100)"),
+    offset: int = Query(0, ge=0, le=10_000_000, description="jobs to skip, newest first"),
+    state: StateFilter | None = STATE_QUERY,
+    status: StateFilter | None = STATUS_QUERY,
+    owner: str = Depends(client_auth("status")),
+) -> JobList:
+    """The calling client's jobs, newest first: ``{items, total, limit, offset}``."""
+    wanted = state if state is not None else status
+    states = STATE_FILTERS[wanted.upper()] if wanted else ()
+    store = dispatcher_of(request).store
+    rows, total = store.list_jobs(owner, states, limit, offset)
+    return JobList(items=[job_view(store, job) for job in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=_errors())
@@ -81,7 +112,11 @@ async def get_job(request: Request, job_id: str = JobId, owner: str = Depends(cl
 @router.get("/{job_id}/result", response_model=JobResultView, responses=_errors(409, 425))
 async def get_job_result(request: Request, job_id: str = JobId,
                          owner: str = Depends(client_auth("result"))) -> JSONResponse:
-    """The output and the miner's receipt as signed; 425 while QUEUED or RUNNING."""
+    """The output and the receipts as signed; 425 while QUEUED or RUNNING.
+
+    ``receipt`` is the miner's receipt (the coordinator's when the miner signed none);
+    ``coordinator_receipt`` is the coordinator's own.
+    """
     dispatcher = dispatcher_of(request)
     job = dispatcher.job_for(owner, job_id)
     if job.state in ("QUEUED", "RUNNING"):
@@ -93,8 +128,11 @@ async def get_job_result(request: Request, job_id: str = JobId,
     result["output"] = output if isinstance(output, str) else None
     if not isinstance(result.get("metadata"), dict):
         result["metadata"] = {}
-    receipts = dispatcher.store.receipts(job_id)
-    return JSONResponse({"result": result, "receipt": receipts[-1] if receipts else None})
+    miner_receipts = dispatcher.store.receipts(job_id, signer="miner")
+    own = dispatcher.store.receipts(job_id, signer="coordinator")
+    coordinator_receipt = own[-1] if own else None
+    receipt = miner_receipts[-1] if miner_receipts else coordinator_receipt
+    return JSONResponse({"result": result, "receipt": receipt, "coordinator_receipt": coordinator_receipt})
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=_errors(409))
@@ -122,7 +160,7 @@ async def get_payment(request: Request, job_id: str = JobId,
 @router.get("/{job_id}/receipt", response_model=ReceiptView, responses=_errors())
 async def get_receipt(request: Request, job_id: str = JobId,
                       owner: str = Depends(client_auth("status"))) -> JSONResponse:
-    """The latest signed receipt, exactly as its signer signed it."""
+    """The latest signed receipt, exactly as its signer signed it (the coordinator's, once it signed one)."""
     dispatcher = dispatcher_of(request)
     dispatcher.job_for(owner, job_id)
     receipts = dispatcher.store.receipts(job_id)
@@ -134,7 +172,8 @@ async def get_receipt(request: Request, job_id: str = JobId,
 @router.get("/{job_id}/receipts", response_model=list[ReceiptView], responses=_errors())
 async def get_receipts(request: Request, job_id: str = JobId,
                        owner: str = Depends(client_auth("status"))) -> JSONResponse:
-    """Every signed receipt of the job, oldest first (empty until the job completes)."""
+    """Every signed receipt of the job, oldest first: the miner's, then the coordinator's
+    (``signer: "coordinator"``, no ``miner_id``); empty until the job completes."""
     dispatcher = dispatcher_of(request)
     dispatcher.job_for(owner, job_id)
     return JSONResponse(dispatcher.store.receipts(job_id))
@@ -144,16 +183,18 @@ async def get_receipts(request: Request, job_id: str = JobId,
 async def job_events(websocket: WebSocket, job_id: str) -> None:
     """Push ``{job_id, state, timestamp}`` on connect and on every state change.
 
-    The socket is closed (code 1000) after a final state. Auth: ``X-Api-Key`` header or
-    ``api_key`` query parameter; an unknown key or job is refused at the handshake (HTTP 403).
+    The socket is closed (code 1000) after a final state. Auth: ``X-Api-Key`` header,
+    ``Authorization: Bearer`` or ``api_key`` query parameter; an unknown key or job is
+    refused at the handshake (HTTP 403).
     """
     config = config_of(websocket)
     dispatcher = dispatcher_of(websocket)
-    api_key = websocket.headers.get("x-api-key") or websocket.query_params.get("api_key")
-    if not is_known_key(api_key, config.client_keys):
+    candidates = (websocket.headers.get("x-api-key"), bearer_token(websocket.headers.get("authorization")),
+                  websocket.query_params.get("api_key"))
+    api_key = known_client_key(candidates, config.client_keys)
+    if api_key is None:
         await websocket.close(code=1008, reason="Invalid API key")
         return
-    assert api_key is not None
     job = dispatcher.store.get_job(job_id)
     if job is None or job.owner != key_owner(api_key):
         await websocket.close(code=1008, reason=f"job not found: {job_id}")

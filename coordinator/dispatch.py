@@ -13,7 +13,11 @@ All of it runs on the event loop, so a claim is atomic without further locking.
 * A job whose TTL passes before it completes becomes EXPIRED (sweeper task).
 
 Matching uses :func:`miner.wire.protocol.parse_constraints` and
-:func:`miner.wire.protocol.unmet_constraint`, so the miner's own admission check agrees.
+:func:`miner.wire.protocol.unmet_constraint`, so the miner's own admission check agrees,
+and (unless the behaviour is the reference service's) the job's model: a job whose
+``payload.model`` is a string goes only to a miner whose ``capabilities.models`` lists it
+(``constraints.models`` is checked by the constraints). A job no connected miner serves
+stays QUEUED until a miner registers its model, or its TTL passes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,18 @@ from miner.wire.protocol import ConstraintError, Constraints, parse_constraints,
 
 ACTIVE = ("QUEUED", "RUNNING")
 MAX_SWEEP_DELAY_S = 1.0
+
+
+def job_model(payload: dict[str, Any]) -> str | None:
+    """The model a job asks for: ``payload.model`` when it is a non-empty string."""
+    model = payload.get("model")
+    return model if isinstance(model, str) and model else None
+
+
+def serves_model(capabilities: dict[str, Any], model: str) -> bool:
+    """True when the miner registered ``model`` in ``capabilities.models``."""
+    models = capabilities.get("models")
+    return isinstance(models, list) and model in models
 
 
 @functools.lru_cache(maxsize=1024)
@@ -120,7 +136,7 @@ class Dispatcher:
             self.store.insert_job(
                 conn, job_id=job_id, owner=owner, payload=payload, constraints=constraints,
                 ttl_seconds=ttl_seconds, state="QUEUED", requested_at=now, expires_at=now + ttl_seconds,
-                updated_at=now, payment_id=payment_id,
+                updated_at=now, payment_id=payment_id, model=job_model(payload),
             )
             if payment_id is not None and payment_amount is not None:
                 self.store.add_payment(conn, PaymentRow(payment_id, job_id, payment_amount, payment_currency,
@@ -129,7 +145,7 @@ class Dispatcher:
         assert job is not None
         self.publish(job_id, "QUEUED", now)
         self._deadline_at(job.expires_at)
-        self.offer([(job_id, dumps(constraints))])
+        self.offer([(job_id, dumps(constraints), job.model)])
         return self.store.get_job(job_id) or job
 
     def cancel(self, owner: str, job_id: str) -> JobRow:
@@ -198,6 +214,8 @@ class Dispatcher:
             conn.executemany("UPDATE jobs SET cancel_pending = 0 WHERE job_id = ?",
                              [(job_id,) for job_id in stale if job_id not in held])
         self.after_requeue(requeued, now)
+        if self.behaviour.dispatch_by_model:
+            self.offer(None)  # a waiting poll of this miner may now match a job for a model it added
         return token
 
     def heartbeat(self, miner_id: str, inflight: int | None, status: str | None,
@@ -239,8 +257,9 @@ class Dispatcher:
             return miner.inflight < miner.concurrency
         return self.store.running_count(miner.miner_id) < miner.concurrency
 
-    @staticmethod
-    def _matches(constraints_text: str, miner: MinerRow) -> bool:
+    def _matches(self, constraints_text: str, model: str | None, miner: MinerRow) -> bool:
+        if self.behaviour.dispatch_by_model and model is not None and not serves_model(miner.capabilities, model):
+            return False
         constraints = _parsed_constraints(constraints_text)
         return constraints is not None and unmet_constraint(constraints, miner.capabilities, miner.region) is None
 
@@ -265,8 +284,8 @@ class Dispatcher:
         miner = self.store.get_miner(miner_id)
         if miner is None or not self._has_slot(miner):
             return None
-        for job_id, constraints_text in self.store.queued_constraints():
-            if self._matches(constraints_text, miner):
+        for job_id, constraints_text, model in self.store.queued_constraints():
+            if self._matches(constraints_text, model, miner):
                 return self._assign(job_id, miner)
         return None
 
@@ -305,16 +324,16 @@ class Dispatcher:
         waiter.future.cancel()
         return None
 
-    def offer(self, queued: list[tuple[str, str]] | None) -> None:
-        """Hand QUEUED jobs, as ``(job_id, constraints JSON)`` (every QUEUED job if ``None``), to
-        matching waiters, first job first, first waiter first."""
+    def offer(self, queued: list[tuple[str, str, str | None]] | None) -> None:
+        """Hand QUEUED jobs, as ``(job_id, constraints JSON, model)`` (every QUEUED job if ``None``),
+        to matching waiters, first job first, first waiter first."""
         if not self._waiters:
             return
         if queued is None:
             queued = self.store.queued_constraints()
         miners: dict[str, MinerRow | None] = {}
         has_slot: dict[str, bool] = {}
-        for job_id, constraints_text in queued:
+        for job_id, constraints_text, model in queued:
             live = [w for w in self._waiters if not w.future.done()]
             if not live:
                 return
@@ -323,7 +342,7 @@ class Dispatcher:
                     miner = miners[waiter.miner_id] = self.store.get_miner(waiter.miner_id)
                     has_slot[waiter.miner_id] = miner is not None and self._has_slot(miner)
                 miner = miners[waiter.miner_id]
-                if miner is None or not has_slot[waiter.miner_id] or not self._matches(constraints_text, miner):
+                if miner is None or not has_slot[waiter.miner_id] or not self._matches(constraints_text, model, miner):
                     continue
                 claimed = self._assign(job_id, miner)
                 if claimed is not None:

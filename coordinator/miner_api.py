@@ -1,4 +1,9 @@
-"""The miner endpoints of PROTOCOL.md section B: register, heartbeat, poll, result, fail."""
+"""The miner endpoints (docs/protocol.md, "Miner API"): register, heartbeat, poll, result, fail.
+
+Bodies are accepted as the reference service accepts them: unknown fields ignored, every
+optional field optional, informational fields unbounded; only the fields the coordinator
+uses have their types and sizes checked.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from coordinator.models import (
     error_responses,
 )
 from coordinator.outcomes import submit_failure, submit_result
-from coordinator.state import config_of, dispatcher_of
+from coordinator.state import config_of, dispatcher_of, signing_key_of
 from miner.wire.receipts import ALG, b64url_decode
 
 router = APIRouter(prefix="/v1/miners", tags=["miner"])
@@ -107,11 +112,14 @@ async def _hang_up(request: Request) -> None:
 @router.post("/{job_id}/result", response_model=ResultAnswer, responses=_errors(404, 409))
 async def result(body: ResultRequest, request: Request, job_id: str = JobId,
                  miner_id: str = Depends(miner_auth("result"))) -> ResultAnswer:
-    """Complete a job with its output and the miner's signed receipt."""
+    """Complete a job with its output (and the miner's signed receipt, if it signs one).
+
+    The answer's ``receipt`` is the coordinator's own, signed with its key (``GET /v1/receipts/key``).
+    """
     config = config_of(request)
-    submit_result(dispatcher_of(request), miner_id, job_id, body.model_dump(exclude_unset=True),
-                  require_receipt=config.require_receipts)
-    return ResultAnswer(status="ok", receipt=None)
+    receipt = submit_result(dispatcher_of(request), miner_id, job_id, body.model_dump(exclude_unset=True),
+                            signing_key_of(request), require_receipt=config.require_receipts)
+    return ResultAnswer(status="ok", receipt=receipt)
 
 
 @router.post("/{job_id}/fail", response_model=FailAnswer, responses=_errors(404, 409))

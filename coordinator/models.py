@@ -27,6 +27,7 @@ def _json_integer(value: Any) -> Any:
 
 NO_BOOL_OR_STR = BeforeValidator(_json_integer)
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 def _check_json(value: Any, path: str, depth: int) -> None:
@@ -118,10 +119,11 @@ class JobCreate(RequestModel):
     payload: dict[str, Any] = Field(description="the job for the miner, e.g. {model, prompt, parameters}")
     constraints: JobConstraints | None = None
     ttl_seconds: Annotated[int, Field(ge=1, le=86400), NO_BOOL_OR_STR] = 900
-    payment_amount: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = Field(
-        None, description="escrowed in the simulated ledger at submit"
+    payment_amount: Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)] | None = Field(
+        None, description="escrowed in the simulated ledger at submit; 0 (or absent) means no payment"
     )
-    payment_currency: Literal["AITBC"] = "AITBC"
+    payment_currency: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        "AITBC", description="any currency name, echoed by the simulated ledger")
 
 
 class JobView(BaseModel):
@@ -140,16 +142,44 @@ class JobView(BaseModel):
     completed_at: datetime | None = None
 
 
+class JobList(BaseModel):
+    """``GET /v1/jobs``: the caller's jobs, newest first (the reference service's shape)."""
+
+    items: list[JobView]
+    total: int = Field(description="how many jobs match the filter in all")
+    limit: int
+    offset: int
+
+
 class ResultPart(BaseModel):
     output: str | None
     metadata: dict[str, Any]
 
 
 class JobResultView(BaseModel):
-    """``GET /v1/jobs/{id}/result``: the output and the miner's receipt exactly as signed."""
+    """``GET /v1/jobs/{id}/result``: the output and the receipts exactly as signed."""
 
     result: ResultPart
-    receipt: dict[str, Any] | None = Field(description="the miner's signed receipt, unchanged")
+    receipt: dict[str, Any] | None = Field(
+        description="the miner's signed receipt, unchanged; the coordinator's when the miner signed none")
+    coordinator_receipt: dict[str, Any] | None = Field(
+        None, description="the receipt the coordinator signed with its own key (GET /v1/receipts/key)")
+
+
+class HealthView(BaseModel):
+    """``GET /health``: no authentication; 503 with ``db: "unavailable"`` when the database cannot be read."""
+
+    status: Literal["ok", "unavailable"]
+    version: str
+    db: Literal["ok", "unavailable"]
+
+
+class ReceiptKeyView(BaseModel):
+    """``GET /v1/receipts/key``: the public key the coordinator signs its receipts with."""
+
+    alg: Literal["Ed25519"]
+    key_id: str = Field(description="url-safe base64 of the 32-byte Ed25519 public key, no padding")
+    signer: Literal["coordinator"]
 
 
 class ReceiptSignature(BaseModel):
@@ -203,7 +233,12 @@ class RegisterAnswer(BaseModel):
 
 
 class HeartbeatRequest(RequestModel):
-    """``POST /v1/miners/heartbeat``; every field optional."""
+    """``POST /v1/miners/heartbeat``; every field optional, unknown ones ignored.
+
+    ``inflight``, ``status`` and ``metadata`` are used, so their types are checked; the
+    informational fields are unbounded (the reference miner sends ``network_latency_ms: -1.0``
+    when it could not measure it).
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -212,7 +247,7 @@ class HeartbeatRequest(RequestModel):
     metadata: dict[str, Any] | None = None
     architecture: str | None = None
     edge_optimized: bool | None = None
-    network_latency_ms: NonNegative | None = None
+    network_latency_ms: Finite | None = None
 
 
 class HeartbeatAnswer(BaseModel):
@@ -254,7 +289,8 @@ class ResultRequest(RequestModel):
 
 class ResultAnswer(BaseModel):
     status: Literal["ok"]
-    receipt: dict[str, Any] | None = Field(None, description="a coordinator-signed receipt (none here)")
+    receipt: dict[str, Any] | None = Field(
+        None, description="the receipt the coordinator signed for this result with its own key")
 
 
 class FailRequest(RequestModel):

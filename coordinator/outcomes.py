@@ -9,6 +9,9 @@ Rules of the local coordinator (reference-quirks mode relaxes the first three):
   a different one for a finished job is 409;
 * a receipt must verify against the ``capabilities.receipt_key`` the miner registered
   and name this job and this miner (422 otherwise); it is stored and served as signed;
+* every stored result gets a receipt the coordinator signs with its own key
+  (:mod:`coordinator.signing`), also for a miner that signs nothing; it is stored after
+  the miner's and answered in ``/result``'s ``receipt``;
 * ``SHUTDOWN`` failures requeue the job while its TTL allows.
 """
 
@@ -17,10 +20,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from nacl.signing import SigningKey
+
 from coordinator.dispatch import Dispatcher
 from coordinator.errors import ApiError, not_found
+from coordinator.signing import SIGNER, build_coordinator_receipt
 from coordinator.store import JobRow, MinerRow, dumps
-from miner.wire.receipts import ReceiptVerificationError, canonical_json, verify_receipt
+from miner.wire.receipts import ReceiptVerificationError, canonical_json, sign_receipt, verify_receipt
 
 RETRYABLE_CODES = frozenset({"SHUTDOWN"})
 ENDED_BY_CLIENT = ("CANCELLED", "CANCELED", "EXPIRED")
@@ -72,16 +78,36 @@ def _verify(job_id: str, miner: MinerRow, receipt: dict[str, Any]) -> None:
         raise ApiError(422, "result.receipt.miner_id: missing; the receipt must name the miner")
 
 
-def submit_result(d: Dispatcher, miner_id: str, job_id: str, body: dict[str, Any],
-                  require_receipt: bool = False) -> None:
-    """Store a miner's result (see the module docstring for the rules)."""
+def _coordinator_receipt(d: Dispatcher, job: JobRow, miner: MinerRow, result: dict[str, Any],
+                         metrics: dict[str, Any], miner_receipt: dict[str, Any] | None, now: float,
+                         key: SigningKey) -> dict[str, Any]:
+    payment = d.store.payment_for(job.job_id)
+    ledger = ({"payment_id": payment.payment_id, "amount": payment.amount, "currency": payment.currency}
+              if payment is not None else None)
+    started_at = job.started_at if job.state == "RUNNING" and job.assigned_miner_id == miner.miner_id else None
+    body = build_coordinator_receipt(
+        job_id=job.job_id, miner_id=miner.miner_id, client=job.owner, payload=job.payload,
+        constraints=job.constraints, result=result, metrics=metrics, started_at=started_at if started_at else now,
+        completed_at=now, unit_price=miner.capabilities.get("price"), miner_receipt=miner_receipt, payment=ledger,
+    )
+    return sign_receipt(body, key)
+
+
+def submit_result(d: Dispatcher, miner_id: str, job_id: str, body: dict[str, Any], key: SigningKey,
+                  require_receipt: bool = False) -> dict[str, Any] | None:
+    """Store a miner's result and sign the coordinator's receipt with ``key``; returns that receipt.
+
+    See the module docstring for the rules; a repeat of the stored outcome returns the
+    receipt signed the first time.
+    """
     miner = d.miner(miner_id)
     job = d.store.get_job(job_id)
     if job is None:
         raise not_found(job_id)
     fingerprint = _fingerprint("result", body)
     if _check_holder(d, job, miner_id, fingerprint):
-        return
+        signed = d.store.receipts(job_id, signer=SIGNER)
+        return signed[-1] if signed else None
     result = dict(body["result"])
     receipt = result.pop("receipt", None)
     if receipt is not None:
@@ -90,20 +116,24 @@ def submit_result(d: Dispatcher, miner_id: str, job_id: str, body: dict[str, Any
         raise ApiError(422, "result.receipt: required; sign a receipt with the registered receipt_key")
     now = d.clock()
     was_running_here = job.state == "RUNNING" and job.assigned_miner_id == miner_id
+    metrics = body.get("metrics") or {}
+    own_receipt = _coordinator_receipt(d, job, miner, result, metrics, receipt, now, key)
     with d.store.transaction() as conn:
         d.store.update_job(
             conn, job_id, state="COMPLETED", assigned_miner_id=miner_id, result=result,
-            metrics=body.get("metrics") or {}, completed_at=now, updated_at=now, error=None, error_code=None,
+            metrics=metrics, completed_at=now, updated_at=now, error=None, error_code=None,
             outcome_miner_id=miner_id, outcome_key=fingerprint, cancel_pending=0,
         )
         if receipt is not None:
             d.store.add_receipt(conn, job_id, dumps(receipt), now)
+        d.store.add_receipt(conn, job_id, dumps(own_receipt), now, signer=SIGNER)
         d.store.set_payment_status(conn, job_id, "released", now)
         if d.behaviour.heartbeat_sets_inflight:
             conn.execute("UPDATE miners SET inflight = MAX(inflight - 1, 0) WHERE miner_id = ?", (miner_id,))
     d.publish(job_id, "COMPLETED", now)
     if was_running_here:
         d.offer(None)
+    return own_receipt
 
 
 def submit_failure(d: Dispatcher, miner_id: str, job_id: str, body: dict[str, Any]) -> str:

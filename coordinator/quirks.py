@@ -2,10 +2,11 @@
 
 The default :data:`LOCAL` behaviour is the published API done right (long-poll, ``/fail``
 frees the slot, ownership checks, ``cancelled_jobs`` in the heartbeat answer, a miner id
-bound to the miner API key that first registered it). The
-:data:`REFERENCE` behaviour reproduces what the running reference coordinator does
-(PROTOCOL.md section B), so the miner can be tested against it on loopback. Matching
-of jobs to miners is the same in both.
+bound to the miner API key that first registered it, a job handed only to a miner that
+registered its model). The :data:`REFERENCE` behaviour reproduces what the running
+reference coordinator does (docs/protocol.md, "The reference service"), so the miner can
+be tested against it on loopback. Constraint matching is the same in both; the reference
+service does not look at ``payload.model``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Behaviour:
     cancelled_state: str = "CANCELLED"
     strict_outcomes: bool = True  # 409 for a result/fail from a non-holder or on a finished job
     bind_miner_keys: bool = True  # 403 for a miner id used with another key than the one that registered it
+    dispatch_by_model: bool = True  # a job goes only to a miner whose capabilities.models include payload.model
     miner_rate_limits: MinerRateLimits | None = field(default=None)
 
 
@@ -50,6 +52,7 @@ REFERENCE = Behaviour(
     cancelled_state="CANCELED",
     strict_outcomes=False,
     bind_miner_keys=False,
+    dispatch_by_model=False,
     miner_rate_limits=MinerRateLimits(),
 )
 

@@ -3,7 +3,9 @@
 Keys come from ``--client-key``/``--miner-key`` (repeatable) and from
 ``AITBC_COORDINATOR_CLIENT_KEYS``/``AITBC_COORDINATOR_MINER_KEYS`` (comma separated).
 On loopback, a missing kind of key is generated and printed once; beyond loopback the
-coordinator refuses to start without both.
+coordinator refuses to start without both. The coordinator's receipt key is created
+beside the database the first time (mode 0600) and its public ``key_id`` printed at every
+start. docs/protocol.md describes the API.
 """
 
 from __future__ import annotations
@@ -63,7 +65,14 @@ def serve_from_cli(args: argparse.Namespace, environ: Mapping[str, str] | None =
 
     from coordinator.app import create_app
     from coordinator.ratelimit import ClientRateLimits
+    from coordinator.signing import ReceiptKeyError, load_or_create_receipt_key, public_key_info, receipt_key_path
 
+    key_path = receipt_key_path(args.db)
+    try:
+        receipt_key = public_key_info(load_or_create_receipt_key(key_path))["key_id"]
+    except ReceiptKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     quirks = getattr(args, "quirks", None)
     rate_limits = None if getattr(args, "no_rate_limits", False) else ClientRateLimits()
     try:
@@ -73,7 +82,8 @@ def serve_from_cli(args: argparse.Namespace, environ: Mapping[str, str] | None =
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"AITBC local coordinator on http://{args.host}:{args.port} (db {args.db}"
-          f"{', reference quirks' if quirks else ''})", flush=True)
+          f"{', reference quirks' if quirks else ''})\n"
+          f"coordinator receipt key_id: {receipt_key} ({key_path}; also at GET /v1/receipts/key)", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                             ws=ws_protocol(), timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
+
 from coordinator.dispatch import Dispatcher
 from coordinator.quirks import Behaviour
 from coordinator.ratelimit import ClientRateLimits, FixedWindows, TokenBuckets
@@ -27,6 +29,7 @@ class AppConfig:
     clock: Callable[[], float]
     require_receipts: bool
     unheld_grace_s: float
+    receipt_key_file: Path
     client_buckets: TokenBuckets = field(default_factory=TokenBuckets)
     miner_windows: FixedWindows = field(default_factory=FixedWindows)
 
@@ -38,3 +41,8 @@ def dispatcher_of(request: Any) -> Dispatcher:
 
 def config_of(request: Any) -> AppConfig:
     return request.app.state.config
+
+
+def signing_key_of(request: Any) -> SigningKey:
+    """The key the coordinator signs its own receipts with (loaded by the lifespan)."""
+    return request.app.state.receipt_key

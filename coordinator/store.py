@@ -3,7 +3,7 @@
 One connection, guarded by a lock, used from the event loop with short transactions
 (each is a handful of indexed statements, well under a millisecond). Everything the
 coordinator knows lives here, so a restart on the same file loses nothing: jobs,
-results, receipts exactly as the miner signed them, the simulated payments ledger and
+results, receipts exactly as signed (the miner's and the coordinator's own), the simulated payments ledger and
 miner registrations (so a result replayed after a restart still verifies), each with the
 hash of the miner API key that first registered its id.
 
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     outcome_miner_id TEXT,
     outcome_key TEXT,
     cancel_pending INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    model TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_miner ON jobs (assigned_miner_id, state);
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
     body TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    signer TEXT NOT NULL DEFAULT 'miner'
 );
 CREATE INDEX IF NOT EXISTS receipts_by_job ON receipts (job_id, id);
 CREATE TABLE IF NOT EXISTS payments (
@@ -80,12 +82,16 @@ CREATE TABLE IF NOT EXISTS miners (
 """
 
 # Columns added after the first release: (table, column, type), added to older files at open.
-MIGRATIONS = (("miners", "key_hash", "TEXT"),)
+MIGRATIONS = (
+    ("miners", "key_hash", "TEXT"),
+    ("jobs", "model", "TEXT"),
+    ("receipts", "signer", "TEXT NOT NULL DEFAULT 'miner'"),
+)
 
 JOB_COLUMNS = (
     "seq, job_id, owner, payload, constraints, ttl_seconds, state, assigned_miner_id, requested_at, "
     "expires_at, updated_at, started_at, completed_at, error, error_code, payment_id, result, metrics, "
-    "outcome_miner_id, outcome_key, cancel_pending, attempts"
+    "outcome_miner_id, outcome_key, cancel_pending, attempts, model"
 )
 
 
@@ -120,6 +126,7 @@ class JobRow:
     outcome_key: str | None
     cancel_pending: bool
     attempts: int
+    model: str | None = None  # payload.model when it is a string: what dispatch by model matches
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRow:
@@ -188,6 +195,9 @@ class Store:
             present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
             if column not in present:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                if (table, column) == ("jobs", "model"):  # jobs queued before dispatch by model
+                    self._conn.execute("UPDATE jobs SET model = json_extract(payload, '$.model') "
+                                       "WHERE json_type(payload, '$.model') = 'text'")
 
     def close(self) -> None:
         with self._lock:
@@ -234,10 +244,30 @@ class Store:
         sets = ", ".join(f"{name} = ?" for name in values)
         conn.execute(f"UPDATE jobs SET {sets} WHERE job_id = ?", (*values.values(), job_id))
 
-    def queued_constraints(self) -> list[tuple[str, str]]:
-        """``(job_id, constraints JSON text)`` of every QUEUED job, first in first out."""
-        rows = self._all("SELECT job_id, constraints FROM jobs WHERE state = 'QUEUED' ORDER BY seq")
-        return [(r[0], r[1]) for r in rows]
+    def queued_constraints(self) -> list[tuple[str, str, str | None]]:
+        """``(job_id, constraints JSON text, model)`` of every QUEUED job, first in first out."""
+        rows = self._all("SELECT job_id, constraints, model FROM jobs WHERE state = 'QUEUED' ORDER BY seq")
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def list_jobs(self, owner: str, states: tuple[str, ...], limit: int, offset: int) -> tuple[list[JobRow], int]:
+        """``owner``'s jobs, newest first (``states`` empty: every state), and how many there are in all."""
+        where, args = "owner = ?", [owner]
+        if states:
+            where += f" AND state IN ({', '.join('?' for _ in states)})"
+            args.extend(states)
+        total = self._one(f"SELECT COUNT(*) FROM jobs WHERE {where}", tuple(args))
+        rows = self._all(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                         (*args, limit, offset))
+        return [JobRow.from_row(r) for r in rows], int(total[0]) if total else 0
+
+    def readable(self) -> bool:
+        """True when the database answers a read (the health check)."""
+        try:
+            self._one("SELECT COUNT(*) FROM sqlite_master", ())
+            self._one("SELECT seq FROM jobs ORDER BY seq DESC LIMIT 1", ())
+        except sqlite3.Error:
+            return False
+        return True
 
     def running_count(self, miner_id: str) -> int:
         row = self._one("SELECT COUNT(*) FROM jobs WHERE assigned_miner_id = ? AND state = 'RUNNING'", (miner_id,))
@@ -275,11 +305,18 @@ class Store:
     # -- receipts and payments ----------------------------------------------------------
 
     @staticmethod
-    def add_receipt(conn: sqlite3.Connection, job_id: str, body_text: str, now: float) -> None:
-        conn.execute("INSERT INTO receipts (job_id, body, created_at) VALUES (?, ?, ?)", (job_id, body_text, now))
+    def add_receipt(conn: sqlite3.Connection, job_id: str, body_text: str, now: float, signer: str = "miner") -> None:
+        """Store a receipt exactly as signed; ``signer`` is ``"miner"`` or ``"coordinator"``."""
+        conn.execute("INSERT INTO receipts (job_id, body, created_at, signer) VALUES (?, ?, ?, ?)",
+                     (job_id, body_text, now, signer))
 
-    def receipts(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self._all("SELECT body FROM receipts WHERE job_id = ? ORDER BY id", (job_id,))
+    def receipts(self, job_id: str, signer: str | None = None) -> list[dict[str, Any]]:
+        """The job's receipts, oldest first; only ``signer``'s when given."""
+        if signer is None:
+            rows = self._all("SELECT body FROM receipts WHERE job_id = ? ORDER BY id", (job_id,))
+        else:
+            rows = self._all("SELECT body FROM receipts WHERE job_id = ? AND signer = ? ORDER BY id",
+                             (job_id, signer))
         return [json.loads(r[0]) for r in rows]
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Receipts: the canonical form and signature pinned to PROTOCOL.md's test vector."""
+"""Receipts: the canonical form and signature pinned to the test vector in docs/protocol.md."""
 
 from __future__ import annotations
 

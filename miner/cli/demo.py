@@ -1,4 +1,7 @@
-"""``aitbc-miner demo``: a local coordinator and a miner on loopback, one job, a verified receipt.
+"""``aitbc-miner demo``: a local coordinator and a miner on loopback, one job, verified receipts.
+
+It prints the miner's receipt and then the coordinator's own, each verified with the
+same verifier against its signer's key.
 
 Everything lives in a temporary folder and on 127.0.0.1; nothing touches the network or
 the host's miner configuration. With ``--runner auto`` the job runs on the transformers
@@ -114,6 +117,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
                 print(f"the job ended {final['state']}: {final.get('error')}", file=sys.stderr)
                 return 1
             answer = await asyncio.to_thread(client.get_job_result, job["job_id"])
+            coordinator_key = (await asyncio.to_thread(client.get_receipt_key))["key_id"]
         await asyncio.wait_for(miner_task, 30)
         receipt = answer["receipt"]
         print(f"\noutput:\n  {answer['result']['output']}\n")
@@ -121,6 +125,11 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         print(json.dumps(receipt, indent=2, sort_keys=True))
         verify_receipt(receipt, agent.key_id)
         print(f"\nreceipt verified: Ed25519 signature by the miner's registered key {agent.key_id}")
+        own = answer["coordinator_receipt"]
+        print("\nreceipt (signed by the coordinator, GET /v1/receipts/key):")
+        print(json.dumps(own, indent=2, sort_keys=True))
+        verify_receipt(own, coordinator_key)
+        print(f"\ncoordinator receipt verified: Ed25519 signature by the coordinator's key {coordinator_key}")
         return 0
     finally:
         if not agent.should_exit.is_set():

@@ -45,31 +45,57 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_receipt(args: argparse.Namespace) -> int:
-    from miner.wire.receipts import ReceiptVerificationError, verify_receipt
+    """Verify a miner's or a coordinator's receipt (same envelope, same verifier).
+
+    Accepts a bare receipt, a body or answer holding ``receipt`` (and ``coordinator_receipt``),
+    or a list of receipts (``GET /v1/jobs/{id}/receipts``). With ``--public-key`` every
+    receipt must be signed by that key, except in an answer or a list, where the receipts
+    signed by another key are checked for integrity only and at least one must match.
+    Exit status: 0 valid, 1 invalid, 2 unreadable.
+    """
+    from miner.wire.receipts import ReceiptVerificationError, key_id, verify_receipt
 
     try:
         data = json.loads(Path(args.file).read_text(encoding="utf-8") if args.file != "-" else sys.stdin.read())
     except (OSError, ValueError) as exc:
         print(f"error: cannot read a JSON receipt from {args.file}: {exc}", file=sys.stderr)
         return 2
-    # Accept a bare receipt, a result body ({"receipt": ...}) or a result answer.
-    receipt = data.get("receipt", data) if isinstance(data, dict) else data
+    if isinstance(data, list):
+        receipts = list(data)
+    elif isinstance(data, dict) and ("receipt" in data or "coordinator_receipt" in data):
+        receipts = [r for r in (data.get("receipt"), data.get("coordinator_receipt")) if r is not None]
+        receipts = [r for i, r in enumerate(receipts) if r not in receipts[:i]]
+    else:
+        receipts = [data]
+    if not receipts:
+        print(f"INVALID: {args.file} holds no receipt", file=sys.stderr)
+        return 1
     public_key = args.public_key
     if args.public_key_file:
         public_key = Path(args.public_key_file).read_text(encoding="utf-8").strip()
-    try:
-        key = verify_receipt(receipt, public_key)
-    except ReceiptVerificationError as exc:
-        print(f"INVALID: {exc}", file=sys.stderr)
+    several = len(receipts) > 1
+    matched = False
+    for receipt in receipts:
+        signature = receipt.get("signature") if isinstance(receipt, dict) else None
+        embedded = signature.get("key_id") if isinstance(signature, dict) else None
+        pin = public_key if public_key and (not several or embedded == public_key) else None
+        try:
+            key = verify_receipt(receipt, pin)
+        except ReceiptVerificationError as exc:
+            print(f"INVALID: {exc}", file=sys.stderr)
+            return 1
+        matched |= pin is not None
+        signer = "the coordinator" if receipt.get("signer") == "coordinator" else "the miner"
+        checked = (
+            "the given public key"
+            if pin
+            else "its embedded key_id (integrity only: pass --public-key to check the signer)"
+        )
+        print(f"OK: receipt for job {receipt.get('job_id')} from {signer}, signed by {key_id(key)}, "
+              f"verified against {checked}")
+    if public_key and not matched:
+        print("INVALID: no receipt here is signed by the given public key", file=sys.stderr)
         return 1
-    from miner.wire.receipts import key_id
-
-    pinned = (
-        "the given public key"
-        if public_key
-        else "its embedded key_id (integrity only: pass --public-key to check the signer)"
-    )
-    print(f"OK: receipt for job {receipt.get('job_id')} signed by {key_id(key)}, verified against {pinned}")
     return 0
 
 
@@ -291,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quirks",
         choices=["reference"],
         default=None,
-        help="emulate the reference service's quirks (PROTOCOL.md section B) for miner tests",
+        help="emulate the reference service's quirks (docs/protocol.md, section 4) for miner tests",
     )
     coord.add_argument("--no-rate-limits", action="store_true", help="turn off the per-client-key rate limits")
     coord.add_argument(

@@ -1,7 +1,7 @@
 """What the miner registers: its capabilities, in the shape the coordinator matches on.
 
 The reference coordinator matches ``gpus[].name``, ``gpus[].memory_mb``, ``cuda``,
-``models`` and ``price`` (PROTOCOL.md section B) and stores every other key, so the miner
+``models`` and ``price`` (docs/protocol.md) and stores every other key, so the miner
 adds its receipt key, software version, runners and per-GPU details. ``None`` readings are
 left out rather than sent as ``null``.
 """

@@ -1,6 +1,6 @@
 """Wire shapes shared by the miner and the local coordinator.
 
-Constraints come in two spellings (PROTOCOL.md section C): the published API's
+Constraints come in two spellings (docs/protocol.md): the published API's
 ``gpu_type``/``min_gpu_memory`` and the reference service's ``gpu``/``min_vram_gb``.
 :func:`parse_constraints` accepts both and :func:`unmet_constraint` applies the matching
 rules of the reference coordinator, so the coordinator's dispatch and the miner's own

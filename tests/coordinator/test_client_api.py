@@ -81,10 +81,12 @@ def test_result_is_425_until_done_then_served_with_receipt(coordinator: RunningC
         receipt = miner.receipt(job_id, "world")
         assert miner.result(job_id, "world", receipt=receipt).status_code == 200
     answer = coordinator_client.get_job_result(job_id)
+    own = answer.pop("coordinator_receipt")
     assert answer == {"result": {"output": "world", "metadata": {"tokens": 1}}, "receipt": receipt}
-    assert coordinator_client.get_receipt(job_id) == receipt
-    assert coordinator_client.get_receipts(job_id) == [receipt]
-    verify_receipt(coordinator_client.get_receipt(job_id), miner.key.verify_key)
+    assert coordinator_client.get_receipts(job_id) == [receipt, own]
+    assert coordinator_client.get_receipt(job_id) == own
+    verify_receipt(receipt, miner.key.verify_key)
+    verify_receipt(own, coordinator_client.get_receipt_key()["key_id"])
     job = coordinator_client.get_job(job_id)
     assert job["state"] == "COMPLETED" and job["assigned_miner_id"] == "rig-01"
     assert parse_timestamp(job["completed_at"]) >= parse_timestamp(job["started_at"])

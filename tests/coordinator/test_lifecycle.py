@@ -224,11 +224,12 @@ def test_restart_keeps_jobs_results_and_registrations(tmp_path: Path) -> None:
             queued = client.submit_job({**PAYLOAD, "n": 3})["job_id"]
             coord.stop()
             coord.start()
-            assert client.get_job_result(done) == {"result": {"output": "first", "metadata": {"tokens": 1}},
-                                                   "receipt": receipt}
+            answer = client.get_job_result(done)
+            assert answer["result"] == {"output": "first", "metadata": {"tokens": 1}} and answer["receipt"] == receipt
+            verify_receipt(answer["coordinator_receipt"], client.get_receipt_key()["key_id"])  # the same key again
             assert client.get_payment(done)["status"] == "released"
             assert client.get_job(pending)["state"] == "RUNNING"
             assert client.get_job(queued)["state"] == "QUEUED"
             assert miner.result(pending, "second").status_code == 200  # verified against the persisted key
-            verify_receipt(client.get_receipt(pending), miner.key.verify_key)
+            verify_receipt(client.get_job_result(pending)["receipt"], miner.key.verify_key)
             assert miner.claim()["job_id"] == queued

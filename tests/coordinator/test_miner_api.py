@@ -207,11 +207,13 @@ def test_duplicate_result_is_idempotent_and_a_different_one_is_409(coordinator: 
         miner.register()
         miner.claim()
         receipt = miner.receipt(job_id, "a")
-        assert miner.result(job_id, "a", receipt=receipt).status_code == 200
-        assert miner.result(job_id, "a", receipt=receipt).status_code == 200
+        first = miner.result(job_id, "a", receipt=receipt)
+        again = miner.result(job_id, "a", receipt=receipt)
+        assert first.status_code == again.status_code == 200
+        assert again.json()["receipt"] == first.json()["receipt"]  # the coordinator signs once
         assert miner.result(job_id, "b").status_code == 409
         assert miner.fail(job_id).status_code == 409
-    assert coordinator_client.get_receipts(job_id) == [receipt]
+    assert coordinator_client.get_receipts(job_id) == [receipt, first.json()["receipt"]]
     assert coordinator_client.get_job_result(job_id)["result"]["output"] == "a"
 
 

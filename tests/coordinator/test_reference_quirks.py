@@ -1,4 +1,4 @@
-"""Reference-quirks mode reproduces the reference service's behaviour (PROTOCOL.md section B)."""
+"""Reference-quirks mode reproduces the reference service's behaviour (docs/protocol.md, section 4)."""
 
 from __future__ import annotations
 

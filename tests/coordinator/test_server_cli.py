@@ -58,11 +58,13 @@ def test_coordinator_command_starts_with_defaults(tmp_path: Path) -> None:
     )
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(4)]
+        lines = [process.stdout.readline() for _ in range(5)]
         text = "".join(lines)
         client_key = re.search(r"client key: (\S+)", text)
         miner_key = re.search(r"miner key:\s+(\S+)", text)
-        assert client_key and miner_key, text
+        receipt_key = re.search(r"coordinator receipt key_id: (\S+)", text)
+        assert client_key and miner_key and receipt_key, text
+        assert (tmp_path / "c.db.receipt-key").exists()
         url = f"http://127.0.0.1:{port}"
         pause = threading.Event()
         for _ in range(200):
@@ -76,6 +78,7 @@ def test_coordinator_command_starts_with_defaults(tmp_path: Path) -> None:
         registered = httpx.post(f"{url}/v1/miners/register", json={"capabilities": {}},
                                 headers={"X-Api-Key": miner_key.group(1), "X-Miner-ID": "m"})
         assert registered.status_code == 200
+        assert httpx.get(f"{url}/v1/receipts/key").json()["key_id"] == receipt_key.group(1)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=20)

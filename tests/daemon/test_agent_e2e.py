@@ -59,14 +59,13 @@ def test_many_jobs_over_several_slots_complete_with_verifying_receipts(
         verify_receipt(receipt, agent.key_id)
         assert receipt["job_id"] == job_id and receipt["miner_id"] == receipt["provider"] == "rig-test"
         assert len(answer["result"]["output"].split()) == 8
-        assert len(coordinator_client.get_receipts(job_id)) == 1
+        assert len(coordinator_client.get_receipts(job_id, signer="miner")) == 1
     assert agent.outcomes == {"completed": 12} and len(agent.outbox) == 0
 
 
 @pytest.mark.parametrize(
     ("payload", "code"),
     [
-        ({"model": "mistral-7b", "prompt": "x"}, ErrorCode.MODEL_NOT_SERVED),
         ({"model": "llama2"}, ErrorCode.INVALID_PAYLOAD),
         ({"model": "llama2", "messages": "not a list"}, ErrorCode.INVALID_PAYLOAD),
         ({"model": "llama2", "prompt": "x", "parameters": {"temperature": 9}}, ErrorCode.INVALID_PARAMETERS),
@@ -82,6 +81,22 @@ def test_unservable_jobs_fail_with_their_code(
     job = coordinator_client.get_job(job_id)
     assert job["state"] == "FAILED"
     assert job.get("error_code", code) == code and job["error"]
+    assert agent.outcomes == {"failed": 1}
+
+
+def test_a_job_for_a_model_not_served_fails_model_not_served(tmp_path: Path) -> None:
+    """A coordinator that dispatches without looking at the model (the reference service) hands
+    this miner a job for another model: the miner fails it MODEL_NOT_SERVED, never substitutes."""
+    with (
+        run_coordinator(tmp_path / "reference.db", rate_limits=None, quirks="reference") as coordinator,
+        Client(coordinator.url, coordinator.client_key) as client,
+    ):
+        job_id = client.submit_job({"model": "mistral-7b", "prompt": "x"}, ttl_seconds=60)["job_id"]
+        agent = _agent(tmp_path, coordinator, max_jobs=1)
+        assert asyncio.run(agent.serve()) == 0
+        job = client.get_job(job_id)
+    assert job["state"] == "FAILED" and job.get("error_code", ErrorCode.MODEL_NOT_SERVED) == ErrorCode.MODEL_NOT_SERVED
+    assert "mistral-7b" in job["error"]
     assert agent.outcomes == {"failed": 1}
 
 
@@ -132,7 +147,7 @@ def _downtime_run(tmp_path: Path, downtime_s: float) -> None:
         with Client(coordinator.url, coordinator.client_key) as client:
             for job_id in ids:
                 assert _state(client, job_id) == "COMPLETED"
-                assert len(client.get_receipts(job_id)) == 1
+                assert len(client.get_receipts(job_id, signer="miner")) == 1
     assert agent.outcomes == {"completed": 6} and len(agent.outbox) == 0
 
 

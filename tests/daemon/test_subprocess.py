@@ -136,7 +136,7 @@ def test_kill_9_before_acknowledgement_then_restart_delivers_once(tmp_path: Path
             finally:
                 restarted.kill()
             assert client.get_job(job_id)["state"] == "COMPLETED"
-            receipts = client.get_receipts(job_id)
+            receipts = client.get_receipts(job_id, signer="miner")
             assert len(receipts) == 1 and receipts[0]["job_id"] == job_id
     second_run = [e["event"] for e in _log_events(log_path)[first_run_lines:]]
     assert "job_claimed" not in second_run  # delivered from the outbox, not run again

@@ -249,7 +249,7 @@ class CrashCampaign:
             if len(accepted) > 1 or jobs[job_id]["receipts"] > 1:
                 report.duplicates_accepted.append(job_id)
             if states[job_id] == "COMPLETED":
-                stored = client.get_receipts(job_id)
+                stored = client.get_receipts(job_id, signer="miner")
                 try:
                     if len(stored) != 1:
                         raise ReceiptVerificationError(f"{len(stored)} receipts")

@@ -2,7 +2,7 @@
 the protocol promises, and raw payloads a less careful coordinator could hand out.
 
 Each strategy draws ``(payload, expected)`` where ``expected`` is ``"COMPLETED"`` or the
-``error_code`` the job must fail with (PROTOCOL.md: a known parameter of the wrong type or
+``error_code`` the job must fail with (docs/protocol.md: a known parameter of the wrong type or
 out of range → ``INVALID_PARAMETERS``; a payload of the wrong shape → ``INVALID_PAYLOAD``;
 a model not served → ``MODEL_NOT_SERVED``; unknown parameters are ignored). ``chaos``
 draws arbitrary JSON objects whose outcome is only required to be one of those.

@@ -117,7 +117,7 @@ def _scenario(tmp_path: Path, coordinator: RunningCoordinator, proxy: FaultProxy
             assert client.wait(waiting, 30)["state"] == "COMPLETED"
             assert wait_until(lambda: _healthz(port)[0] == 200, 10)
             for job_id in (first, during, waiting):
-                assert len(client.get_receipts(job_id)) == 1
+                assert len(client.get_receipts(job_id, signer="miner")) == 1
         assert miner.terminate(30) == 0, miner.log_text()
     finally:
         miner.stop()
