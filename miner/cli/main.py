@@ -28,6 +28,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return probe_command(args)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from miner.cli.check import check_command
+
+    return check_command(args)
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
     from miner.wire.receipts import key_id
@@ -224,8 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_run)
 
-    # `aitbc-miner check` (miner/cli/check.py, add_arguments and check_command) is registered here,
-    # after run: command("check", ...), _add_config_option(check), add_arguments(check).
+    check = command(
+        "check",
+        "check a configuration before going live: settings, state folder, metrics port, coordinator and key, "
+        "models' files and memory, engines, torch and the GPUs; loads no weights",
+        _epilog(
+            "aitbc-miner check --config /etc/aitbc-miner/miner.toml",
+            "AITBC_MINER_COORDINATOR__API_KEY=... aitbc-miner check --config miner.toml --json",
+            note="Exit status: 0 the miner would serve, 1 a check found a problem (one line each, naming the\n"
+            "setting and the fix), 2 the settings do not load (as `run` would refuse them).\n" + _SETTINGS_NOTE,
+        ),
+    )
+    _add_config_option(check)
+    from miner.cli.check import add_arguments as add_check_arguments
+
+    add_check_arguments(check)
+    check.set_defaults(func=_cmd_check)
 
     probe = command(
         "probe",

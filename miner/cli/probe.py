@@ -151,6 +151,7 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append(report["receipt_key"])
     lines.append("capabilities to register (models appear once their runner has loaded them):")
     lines.append(json.dumps(report["capabilities"], indent=2, sort_keys=True))
+    lines.append(f"before going live: aitbc-miner check --config {report['config'] or 'FILE'} (would it serve?)")
     return "\n".join(lines)
 
 
