@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from coordinator.client import Client
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Logging is process-wide: a command a test runs in-process (``check``, ``verify-job``)
+    configures it, so every test ends with it reset and the next starts from the defaults."""
+    yield
+    from miner.ops.logs import reset_logging
+
+    reset_logging()
+
+
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
     """A coordinator on a fresh SQLite file; client rate limits off so tests never hit them."""

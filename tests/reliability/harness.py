@@ -245,13 +245,16 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def read_jobs(db_path: Path) -> dict[str, dict[str, Any]]:
-    """Every job row of the coordinator's SQLite file (opened read-only), by job id."""
+    """Every job row of the coordinator's SQLite file (opened read-only), by job id, with
+    ``receipts`` the count of the miner's receipts (the coordinator adds its own)."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     try:
         conn.row_factory = sqlite3.Row
         rows = conn.execute("SELECT job_id, state, error, error_code, attempts, outcome_miner_id FROM jobs").fetchall()
         receipts: dict[str, int] = {}
-        for job_id, count in conn.execute("SELECT job_id, COUNT(*) FROM receipts GROUP BY job_id"):
+        for job_id, count in conn.execute(
+            "SELECT job_id, COUNT(*) FROM receipts WHERE signer = 'miner' GROUP BY job_id"
+        ):
             receipts[job_id] = int(count)
     finally:
         conn.close()

@@ -43,7 +43,7 @@ def _check_books(tmp_path: Path, coordinator: RunningCoordinator, client: Client
     results = [r for r in proxy.snapshot() if r.endpoint == "result"]
     for job_id in ids:
         assert jobs[job_id]["receipts"] == 1
-        verify_receipt(client.get_receipts(job_id)[0], signer)
+        verify_receipt(client.get_receipts(job_id, signer="miner")[0], signer)
         sent = {r.receipt_id for r in results if r.job_id == job_id and r.receipt_id}
         assert len(sent) == 1, f"{job_id}: {len(sent)} different results sent"
     assert not outbox_files(tmp_path / "state")
@@ -134,7 +134,7 @@ def test_a_coordinator_that_forgets_the_miner_loses_no_result(
             armed.set()
             final = client.wait(job_id, 40)
             assert final["state"] == "COMPLETED", (final, miner.log_text())
-            assert len(client.get_receipts(job_id)) == 1
+            assert len(client.get_receipts(job_id, signer="miner")) == 1
             assert read_jobs(rel_coordinator.db_path)[job_id]["attempts"] == 1  # held, not requeued and rerun
             assert wait_until(lambda: not outbox_files(tmp_path / "state"), 30)
         assert miner.terminate(30) == 0
@@ -168,7 +168,7 @@ def test_a_coordinator_that_forgets_the_miner_while_it_delivers_loses_no_result(
             assert not list(rejected.glob("*")), "the result was thrown away"
             final = client.get_job(job_id)
             assert final["state"] == "COMPLETED", (final, miner.log_text())
-            assert len(client.get_receipts(job_id)) == 1
+            assert len(client.get_receipts(job_id, signer="miner")) == 1
         assert miner.terminate(30) == 0
     finally:
         miner.stop()

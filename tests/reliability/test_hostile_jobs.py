@@ -9,6 +9,7 @@ import json
 import queue
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from coordinator.client import Client
+from coordinator.quirks import LOCAL
 from miner.wire.errors import ErrorCode
 from tests.reliability.faultproxy import FaultProxy
 from tests.reliability.faults import PASS, Fault, Request
@@ -51,7 +53,10 @@ class PayloadSwap:
 
 
 class Bench:
-    """One coordinator, the proxy and one daemon for the whole module (hypothesis runs many examples)."""
+    """One coordinator, the proxy and one daemon for the whole module (hypothesis runs many examples).
+
+    The coordinator hands out every job whatever its model (as the reference service does), so
+    a job for a model this miner does not serve reaches the miner, which must fail it clearly."""
 
     def __init__(self, coordinator: RunningCoordinator, proxy: FaultProxy, miner: MinerProcess, client: Client,
                  swap: PayloadSwap) -> None:
@@ -72,7 +77,8 @@ class Bench:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     tmp = tmp_path_factory.mktemp("hostile")
-    with run_coordinator(tmp / "coordinator.db", rate_limits=None) as coordinator:
+    with run_coordinator(tmp / "coordinator.db", rate_limits=None,
+                         quirks=replace(LOCAL, dispatch_by_model=False)) as coordinator:
         swap = PayloadSwap()
         with FaultProxy(coordinator.url, swap) as proxy, Client(coordinator.url, coordinator.client_key) as client:
             config = write_config(tmp / "miner.toml", url=proxy.url, miner_key=coordinator.miner_key,
@@ -166,7 +172,7 @@ def test_prompts_up_to_the_body_limit_complete_and_one_byte_more_is_refused(benc
     assert answer.status_code == 201, answer.text[:300]
     job_id = answer.json()["job_id"]
     assert _check_outcome(bench, {"prompt": prompt}, "COMPLETED", job_id) == "COMPLETED"
-    receipt = bench.client.get_receipts(job_id)[0]
+    receipt = bench.client.get_receipts(job_id, signer="miner")[0]
     assert receipt["prompt_sha256"] == hashlib.sha256(prompt.encode("utf-8")).hexdigest()
     too_big = bench.submit_raw({"model": "llama2", "prompt": prompt + "x"})
     assert too_big.status_code == 413
