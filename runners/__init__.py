@@ -100,3 +100,34 @@ def runner_status() -> dict[str, str]:
         missing = missing_members(cls)
         status[name] = f"unavailable: not a runner (missing {', '.join(missing)})" if missing else "available"
     return status
+
+
+def runner_version(runner: Any) -> str | None:
+    """The version of the code that ran a job: a ``version`` attribute of the runner class,
+    else aitbc-miner's for a built-in, else the version of the installed distribution that
+    provides the runner's top-level package (``None`` when unknown). Cached per class."""
+    cls = type(runner)
+    if cls not in _VERSIONS:
+        _VERSIONS[cls] = _class_version(cls)
+    return _VERSIONS[cls]
+
+
+_VERSIONS: dict[type, str | None] = {}
+
+
+def _class_version(cls: type) -> str | None:
+    declared = getattr(cls, "version", None)
+    if isinstance(declared, str):
+        return declared
+    top = cls.__module__.split(".", 1)[0]
+    if top == "runners":
+        from miner import __version__
+
+        return __version__
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    try:
+        dists = packages_distributions().get(top) or []
+        return version(dists[0]) if dists else None
+    except (PackageNotFoundError, ValueError):
+        return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -81,11 +81,22 @@ class GpuInfo:
 
 @dataclass
 class RunnerContext:
-    """What the daemon hands a runner: its GPUs, where it may keep files, and a free-VRAM probe."""
+    """What the daemon hands a runner: its GPUs, where it may keep files, and probes.
+
+    ``gpu_serving(uuid)`` says whether a GPU may take new jobs now (``False`` while the
+    daemon's health checks drain it: its running jobs finish, new ones go to other GPUs);
+    ``None`` means every GPU serves. A runner with GPUs should ask it for every new job and
+    in ``capacity()``.
+    """
 
     gpus: Sequence[GpuInfo] = ()
     state_dir: Path | None = None
     free_vram_mb: Any = None  # callable(index) -> int | None, backed by NVML; None on CPU
+    gpu_serving: Callable[[str], bool] | None = None
+
+    def serving(self, uuids: Sequence[str]) -> bool:
+        """Whether a copy on these GPUs (``()``: the CPU) may take a new job now."""
+        return self.gpu_serving is None or all(self.gpu_serving(u) for u in uuids)
 
 
 @dataclass
@@ -96,6 +107,7 @@ class Job:
     request: TextRequest
     deadline: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    pin_gpu: str | None = None  # run on the copy whose first GPU has this UUID (the miner's own benchmark)
 
     @property
     def model(self) -> str:
@@ -151,6 +163,7 @@ class RunResult:
     gpu_uuid: str | None = None
     gpu_uuids: tuple[str, ...] = ()  # every GPU the job used, when a model is sharded over several
     gpu_seconds: float | None = None  # device time used; the daemon uses wall time when None
+    dtype: str | None = None  # the weights' dtype (e.g. float16), for the receipt: what a re-run must match
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,6 +16,10 @@ job re-run anywhere gives the same text. Options in the ``[[models]]`` table:
                    ``concurrency`` then decides)
 ``vram_per_job_mb`` with ``max_batch_size``: each job needs this much free GPU memory
                    (as NVML reports it now), so claiming follows the simulated GPU's memory
+
+The jobs running on one copy count as one batch: a job's ``gpu_seconds`` is its share of
+the copy's time (each second split over the jobs running then), as with the transformers
+runner. A copy on a GPU the daemon drains takes no new job.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from miner.wire.errors import ErrorCode, JobError
 from miner.wire.receipts import canonical_json
 from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.params import apply_stop
-from runners.placement import Placement, place_model
+from runners.placement import Placement, choose_copy, place_model
 
 _WORDS = (
     "gpu", "tensor", "block", "token", "lattice", "kernel", "ledger", "miner", "proof",
@@ -66,6 +70,33 @@ def fake_text(model: str, prompt_key: str, seed: int | None, n_words: int) -> st
     return " ".join(words[:n_words])
 
 
+class _Share:
+    """The jobs running on one copy, accounted as one batch: each second of it is split evenly
+    over the jobs in it, so a job's ``gpu_seconds`` is its share (as the transformers runner
+    splits a batch's time)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._per_job = 0.0  # seconds per job accumulated so far (a job's share = difference)
+        self._at = time.monotonic()
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        if self.running:
+            self._per_job += (now - self._at) / self.running
+        self._at = now
+
+    def enter(self) -> float:
+        self._advance()
+        self.running += 1
+        return self._per_job
+
+    def leave(self, mark: float) -> float:
+        self._advance()
+        self.running -= 1
+        return self._per_job - mark
+
+
 class FakeRunner:
     """Deterministic CPU runner; see the module docstring for its options."""
 
@@ -75,7 +106,7 @@ class FakeRunner:
         self._specs = {spec.name: spec for spec in specs}
         self._options: dict[str, FakeOptions] = {}
         self._copies: dict[str, list[Placement]] = {}
-        self._load: dict[str, int] = {}  # placement key -> jobs running there
+        self._shares: dict[str, _Share] = {}  # placement key -> the jobs running there, as one batch
         self._context = context
         self._closed = False
 
@@ -90,7 +121,10 @@ class FakeRunner:
             await asyncio.sleep(delay)
 
     def ready_models(self) -> list[str]:
-        return [] if self._closed else list(self._options)
+        """The models with a copy on a GPU that serves now (all of them without health trouble)."""
+        if self._closed:
+            return []
+        return [n for n in self._options if any(self._context.serving(c.uuids) for c in self._copies[n])]
 
     async def run(self, job: Job) -> RunResult:
         options = self._options.get(job.model)
@@ -102,13 +136,20 @@ class FakeRunner:
         else:
             prompt_key = canonical_json(list(request.messages or ())).decode()
         failing = options.fail_mode != "none" and (options.fail_marker is None or options.fail_marker in prompt_key)
-        started = time.monotonic()
-        copy = min(self._copies[job.model], key=lambda p: self._load.get(p.key, 0))
-        self._load[copy.key] = self._load.get(copy.key, 0) + 1
+        copy = choose_copy(
+            job.model,
+            self._copies[job.model],
+            uuids=lambda p: p.uuids,
+            order=lambda p: self._load(p.key),
+            context=self._context,
+            pin_gpu=job.pin_gpu,
+        )
+        share = self._shares.setdefault(copy.key, _Share())
+        mark = share.enter()
         try:
             await self._wait(job, None if failing and options.fail_mode == "hang" else options.delay_s)
         finally:
-            self._load[copy.key] -= 1
+            gpu_seconds = share.leave(mark)
         if failing:
             if options.fail_mode == "error":
                 raise JobError(ErrorCode.RUNNER_ERROR, "the fake runner was configured to fail this job")
@@ -128,8 +169,12 @@ class FakeRunner:
             device="cpu",
             gpu_uuid=copy.gpu_uuid,
             gpu_uuids=copy.uuids if len(copy.gpus) > 1 else (),
-            gpu_seconds=time.monotonic() - started,
+            gpu_seconds=gpu_seconds,
         )
+
+    def _load(self, key: str) -> int:
+        share = self._shares.get(key)
+        return share.running if share is not None else 0
 
     def capacity(self) -> int | None:
         """Jobs the copies could hold now; ``None`` when no model sets ``max_batch_size``."""
@@ -141,6 +186,8 @@ class FakeRunner:
                 continue
             limited = True
             for copy in self._copies[name]:
+                if not self._context.serving(copy.uuids):
+                    continue  # a drained GPU takes no new job
                 room = options.max_batch_size
                 probe = self._context.free_vram_mb
                 if options.vram_per_job_mb and copy.gpus and probe is not None:

@@ -35,6 +35,26 @@ class GenerationParams:
     def greedy(self) -> bool:
         return self.temperature is None or self.temperature == 0
 
+    @property
+    def sampling(self) -> str:
+        """``greedy``, ``seeded`` (sampled with a seed: reproducible) or ``unseeded`` (not)."""
+        if self.greedy:
+            return "greedy"
+        return "seeded" if self.seed is not None else "unseeded"
+
+    def canonical(self) -> dict[str, Any]:
+        """The parameters as parsed, for the receipt's ``params_sha256`` (unset ones left out)."""
+        fields = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": list(self.stop) or None,
+            "seed": self.seed,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
     def sampling_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one batched ``generate`` call."""
         if self.greedy:

@@ -21,11 +21,14 @@ A GPU named on a model must be one of the miner's GPUs: anything else is a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from miner.wire.errors import ConfigError
-from runners.base import GpuInfo
+from miner.wire.errors import ConfigError, ErrorCode, JobError
+from runners.base import GpuInfo, RunnerContext
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,33 @@ def place_model(
     if not gpus:
         return [Placement()]
     return [Placement((gpu,)) for gpu in gpus]
+
+
+def choose_copy(
+    model: str,
+    copies: Sequence[T],
+    *,
+    uuids: Callable[[T], Sequence[str]],
+    order: Callable[[T], Any],
+    context: RunnerContext,
+    pin_gpu: str | None = None,
+) -> T:
+    """The copy of ``model`` a new job goes to: the first by ``order`` (e.g. least loaded) among
+    those on GPUs that serve now (:meth:`RunnerContext.serving`), on GPU ``pin_gpu`` when given.
+
+    Raises :class:`JobError`: ``INVALID_PARAMETERS`` when no copy is on ``pin_gpu``,
+    ``BACKEND_UNAVAILABLE`` when every copy's GPU is drained.
+    """
+    candidates = list(copies)
+    if pin_gpu is not None:
+        candidates = [c for c in candidates if tuple(uuids(c))[:1] == (pin_gpu,)]
+        if not candidates:
+            raise JobError(ErrorCode.INVALID_PARAMETERS, f"model {model!r} has no copy on GPU {pin_gpu}")
+    serving = [c for c in candidates if context.serving(uuids(c))]
+    if not serving:
+        raise JobError(
+            ErrorCode.BACKEND_UNAVAILABLE,
+            f"every GPU that serves model {model!r} is drained by the miner's health checks; "
+            "the job can go to another miner",
+        )
+    return min(serving, key=order)

@@ -37,7 +37,7 @@ import structlog
 from miner.wire.errors import ConfigError, DeviceError, ErrorCode, JobError
 from runners.base import Job, ModelSpec, RunnerContext, RunResult, parse_options
 from runners.hf.options import CPU_PLAN, DevicePlan, TransformersOptions
-from runners.placement import Placement, place_model
+from runners.placement import Placement, choose_copy, place_model
 
 if TYPE_CHECKING:
     from runners.hf.model import LoadedModel, ModelEntry
@@ -166,7 +166,11 @@ class TransformersRunner:
         """Configured models on a working device: loaded, or checked and loadable on demand."""
         if self._closed or not self._started:
             return []
-        return [name for name, workers in self._route.items() if any(w.broken is None for w in workers)]
+        return [name for name, workers in self._route.items() if any(self._usable(w) for w in workers)]
+
+    def _usable(self, worker: DeviceWorker) -> bool:
+        """A working device on GPUs that serve now (the daemon drains a GPU in trouble)."""
+        return worker.broken is None and self._context.serving(worker.plan.gpu_uuids)
 
     def loaded(self, name: str) -> LoadedModel | None:
         """A resident copy of the model called ``name`` (for benchmarks and diagnostics), if loaded."""
@@ -180,22 +184,34 @@ class TransformersRunner:
         """Jobs the runner could hold at once now (see :meth:`DeviceWorker.capacity`), over its devices."""
         if self._closed or not self._started:
             return 0
-        return sum(w.capacity(self._load.get(key, 0)) for key, w in self._workers.items())
+        return sum(
+            w.capacity(self._load.get(key, 0))
+            for key, w in self._workers.items()
+            if self._context.serving(w.plan.gpu_uuids)
+        )
 
     def max_capacity(self) -> int:
         """The most jobs the runner ever holds at once: each device's largest ``max_batch_size``."""
         return sum(w.max_capacity() for w in self._workers.values())
 
-    def _pick(self, name: str) -> DeviceWorker | None:
-        """The copy of ``name`` with the fewest jobs waiting or running (a broken device last)."""
-        workers = self._route.get(name)
+    def _pick(self, job: Job) -> DeviceWorker | None:
+        """The copy of the job's model with the fewest jobs waiting or running (a broken device
+        last), on a GPU that serves now (``JobError`` when none does), ``job.pin_gpu``'s if set."""
+        workers = self._route.get(job.model)
         if not workers:
             return None
-        return min(workers, key=lambda w: (w.broken is not None, self._load.get(w.key, 0)))
+        return choose_copy(
+            job.model,
+            workers,
+            uuids=lambda w: w.plan.gpu_uuids,
+            order=lambda w: (w.broken is not None, self._load.get(w.key, 0)),
+            context=self._context,
+            pin_gpu=job.pin_gpu,
+        )
 
     async def run(self, job: Job) -> RunResult:
         """Queue the job on its device's worker and wait for its row of a batch to finish."""
-        worker = self._pick(job.model)
+        worker = self._pick(job)
         if worker is None or self._closed:
             raise JobError(ErrorCode.MODEL_NOT_SERVED, f"model {job.model!r} is not served by the transformers runner")
         if worker.broken is not None:
@@ -227,6 +243,7 @@ class TransformersRunner:
         finally:
             self._load[worker.key] -= 1
         plan = worker.plan
+        result.dtype = worker.entries[job.model].dtype
         result.gpu_uuid = plan.gpu_uuids[0] if plan.gpus else None
         result.gpu_uuids = plan.gpu_uuids if plan.sharded else ()
         return result

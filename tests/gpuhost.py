@@ -39,10 +39,15 @@ def gpu_entry(index: int, **overrides: Any) -> dict[str, Any]:
     return entry
 
 
-def write_host(path: Path, count: int = 2, per_gpu: Mapping[int, Mapping[str, Any]] | None = None) -> Path:
+def write_host(
+    path: Path,
+    count: int = 2,
+    per_gpu: Mapping[int, Mapping[str, Any]] | None = None,
+    driver: str = "580.65.06",
+) -> Path:
     """Write (atomically, as a test changing a GPU mid-run needs) a host of ``count`` H200s."""
     gpus = [gpu_entry(i, **dict((per_gpu or {}).get(i, {}))) for i in range(count)]
-    data = {"driver": "580.65.06", "cuda": "13.0", "gpus": gpus}
+    data = {"driver": driver, "cuda": "13.0", "gpus": gpus}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data), encoding="utf-8")
     os.replace(tmp, path)

@@ -22,7 +22,8 @@ from typing import Any
 from miner import __version__
 from miner.daemon.capabilities import build_capabilities
 from miner.host.cudacompat import TorchBuild, fit_line, installed_torch_version, torch_build, torch_index_for
-from miner.host.nvml import probe_gpus
+from miner.host.gpuhealth import CHECKS, DEFAULT_CRITICAL_XIDS, health_now
+from miner.host.nvml import Nvml
 from miner.wire.errors import ConfigError, StateError
 from runners.base import GpuInfo
 
@@ -67,8 +68,21 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
     if config is not None or DEFAULT_CONFIG.exists():
         settings = load_settings(config)
     gpus: list[GpuInfo] = []
+    health: list[dict[str, Any]] = []
     if settings is None or settings.gpus.enabled:
-        gpus = probe_gpus(nvml, settings.gpus.devices if settings else ())
+        held = Nvml(nvml)
+        try:
+            gpus = held.start(settings.gpus.devices if settings else ())
+            if gpus and held.available:
+                checks = settings.gpus if settings else None
+                health = health_now(
+                    held.module,
+                    gpus,
+                    drain_on=checks.drain_on if checks else CHECKS,
+                    critical_xids=checks.critical_xids if checks else DEFAULT_CRITICAL_XIDS,
+                )
+        finally:
+            held.close()
     report: dict[str, Any] = {
         "version": __version__,
         "config": str(settings.config_path) if settings and settings.config_path else None,
@@ -76,6 +90,7 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
         "driver_version": next((g.driver_version for g in gpus if g.driver_version), None),
         "cuda": next((g.cuda_version for g in gpus if g.cuda_version), None),
         "gpus": [dataclasses.asdict(g) for g in gpus],
+        "gpu_health": health,
         "models": [],
         "capabilities": None,
     }
@@ -110,6 +125,12 @@ def gather(config: Path | None, nvml: Any = None) -> dict[str, Any]:
     return report
 
 
+def _health_line(entry: dict[str, Any]) -> str:
+    if entry["state"] == "drained":
+        return f"  GPU {entry['index']} health: WOULD NOT TAKE JOBS: {entry['reason']}"
+    return f"  GPU {entry['index']} health: ok (ECC, pending pages, throttling, PCIe link)"
+
+
 def _gpu_line(g: dict[str, Any]) -> str:
     parts = [f"GPU {g['index']}: {g['name']}", g["uuid"], f"{g['memory_total_mb'] * GIB_PER_MIB:.1f} GiB"]
     if g["memory_free_mb"] is not None:
@@ -130,6 +151,7 @@ def render_text(report: dict[str, Any]) -> str:
     elif report["gpus"]:
         lines.append(f"NVIDIA driver {report['driver_version'] or 'unknown'}, CUDA {report['cuda'] or 'unknown'}")
         lines.extend(_gpu_line(g) for g in report["gpus"])
+        lines.extend(_health_line(h) for h in report.get("gpu_health", ()))
     else:
         lines.append("GPUs: none found (CPU mode)")
     lines.append(report["torch"]["line"])

@@ -75,6 +75,11 @@ def _gpu_lines(s: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:
     used, util = by_gpu("aitbc_miner_gpu_memory_used_bytes"), by_gpu("aitbc_miner_gpu_utilization_ratio")
     temp, power = by_gpu("aitbc_miner_gpu_temperature_celsius"), by_gpu("aitbc_miner_gpu_power_watts")
     names = {labels["gpu"]: labels.get("name", "") for labels, _ in s.get("aitbc_miner_gpu_memory_total_bytes", [])}
+    serving = by_gpu("aitbc_miner_gpu_serving")
+    troubles: dict[str, list[str]] = {}
+    for labels, value in s.get("aitbc_miner_gpu_trouble", []):
+        if value:
+            troubles.setdefault(labels["gpu"], []).append(labels["check"])
     gib = 1024.0**3
     lines = []
     for gpu in sorted(total, key=lambda g: int(g) if g.isdigit() else g):
@@ -85,6 +90,10 @@ def _gpu_lines(s: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:
             parts.append(f"{temp[gpu]:.0f} C")
         if gpu in power:
             parts.append(f"{power[gpu]:.0f} W")
+        if serving.get(gpu) == 0:
+            parts.append("DRAINED: " + (", ".join(sorted(troubles.get(gpu, ()))) or "recovering"))
+        elif troubles.get(gpu):
+            parts.append("trouble not draining: " + ", ".join(sorted(troubles[gpu])))
         lines.append(f"GPU {gpu} {names.get(gpu, '')}: " + ", ".join(parts))
     return lines
 

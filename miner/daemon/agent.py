@@ -9,8 +9,9 @@ down for a while never gets the service killed and its models reloaded.
 
 The TaskGroup holds the session (register, then heartbeat), the outbox flusher, the
 claim slots of the :class:`~miner.daemon.pipeline.JobPipeline`, the systemd watchdog,
-the summary and idle lines (:mod:`miner.daemon.summary`) and, with ``--exit-when-idle``,
-the idle watch.
+the summary and idle lines (:mod:`miner.daemon.summary`), the GPU health checks
+(:mod:`miner.host.gpuhealth`: a GPU in trouble takes no new job) and, with
+``--exit-when-idle``, the idle watch.
 
 Shutdown (first SIGTERM/SIGINT, ``--max-jobs`` reached, or idle): stop claiming, let the
 polls already sent answer, keep heartbeating, ``STOPPING=1``, let in-flight jobs finish
@@ -46,6 +47,7 @@ from miner.daemon.settings import MAX_SLOTS, MinerSettings
 from miner.daemon.signals import capture_signals
 from miner.daemon.statelock import StateLock
 from miner.daemon.summary import Activity, Reachability
+from miner.host.gpuhealth import HealthChange
 from miner.ops.health import HealthState
 from miner.ops.logs import register_secret
 from miner.ops.metrics import MinerMetrics
@@ -223,6 +225,7 @@ class Agent:
             s, nvml=self._nvml, gpus=self._gpus_override, runner_classes=self._runner_classes, metrics=self.metrics
         )
         self._assemble(key)
+        self._health_changed([])  # GPUs already in trouble at start are reported now
         assert self.session is not None
         models = self.session.capabilities["models"]
         log.info(
@@ -270,6 +273,7 @@ class Agent:
             region=s.region,
             clock=self._clock,
             max_result_bytes=s.coordinator.max_result_bytes,
+            read_energy=runtime.read_energy,
         )
         c = s.coordinator
         claimer = Claimer(
@@ -354,6 +358,7 @@ class Agent:
                 tg.create_task(self._watchdog_loop(), name="watchdog"),
                 tg.create_task(self._idle_loop(), name="idle-watch"),
                 tg.create_task(self._summary_loop(), name="summary"),
+                tg.create_task(self._health_loop(), name="gpu-health"),
             ]
             slots = [tg.create_task(pipeline.run_slot(i), name=f"slot-{i}") for i in range(self.slots)]
             self.deliverer.wake.set()
@@ -388,13 +393,17 @@ class Agent:
     async def _heartbeat_metadata(self) -> dict[str, Any]:
         assert self.runtime is not None
         gpu_stats = await self.runtime.gpu_stats()
+        await self.runtime.read_energy()  # a power sample for GPUs without an energy counter
         if self.runtime.gpus:
             self.metrics.set_gpu_stats(self.runtime.gpus)
-        return {
+        metadata: dict[str, Any] = {
             "draining": bool(self.pipeline and self.pipeline.stopping),
             "outbox_pending": len(self.outbox),
             "gpus": gpu_stats,
         }
+        if self.runtime.health is not None:
+            metadata["gpu_health"] = self.runtime.health.report()
+        return metadata
 
     async def _watchdog_loop(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -438,6 +447,41 @@ class Agent:
             warning = activity.idle_warning()
             if warning is not None:
                 log.warning("miner_idle", **warning)
+
+    async def _health_loop(self) -> None:
+        """Every ``gpus.health_poll_s``: read each GPU's health; drain a GPU in trouble, restore a recovered one."""
+        runtime, poll_s = self.runtime, self.settings.gpus.health_poll_s
+        if runtime is None or runtime.health is None or poll_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(poll_s)
+            changes = await runtime.poll_health()
+            if changes:
+                self._health_changed(changes)
+
+    def _health_changed(self, changes: Sequence[HealthChange]) -> None:
+        """Log each change, publish the state (``/healthz``, ``/metrics``), heartbeat and re-check room now."""
+        runtime = self.runtime
+        if runtime is None or runtime.health is None:
+            return
+        monitor = runtime.health
+        for change in changes:
+            if change.drained:
+                log.warning("gpu_drained", gpu=change.index, uuid=change.uuid, reason=change.reason)
+            else:
+                log.info("gpu_serving_again", gpu=change.index, uuid=change.uuid, after=change.reason)
+        if not changes:
+            for index, reason in sorted(monitor.drained().items()):
+                log.warning("gpu_drained", gpu=index, uuid=monitor.gpus[index].uuid, reason=reason)
+        self.health.gpus_total = len(monitor.gpus)
+        self.health.gpus_drained = monitor.drained()
+        self.metrics.set_gpu_health(runtime.gpus, monitor.report())
+        if changes:
+            if self.session is not None:
+                self.session.now.set()  # the heartbeat carries the health; models may have changed
+            if self.pipeline is not None:
+                self.pipeline.pulse()
+            self._status()
 
     def _observe_request(self, endpoint: str, seconds: float, error: str | None) -> None:
         self.metrics.observe_request(endpoint=endpoint, seconds=seconds, error=error)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,8 +26,10 @@ from nacl.signing import SigningKey
 from miner.daemon import admission
 from miner.daemon.client import AssignedJob
 from miner.daemon.encode import DEFAULT_MAX_RESULT_BYTES, check_run_result, encode_body
+from miner.host.energy import EnergyReading, job_energy
 from miner.wire.errors import DeviceError, ErrorCode, JobError
-from miner.wire.receipts import build_miner_receipt, prompt_sha256, sign_receipt
+from miner.wire.receipts import build_miner_receipt, prompt_sha256, rerun_fields, sign_receipt
+from runners import runner_version
 from runners.base import Job, Runner, RunResult
 from runners.params import TextRequest, payload_model
 
@@ -80,6 +82,7 @@ class Outcome:
     completion_tokens: int | None = None
     tokens_per_s: float | None = None
     units: float | None = None
+    energy_j: float | None = None  # this job's share of its GPUs' energy (None: not measured)
     fatal: bool = False  # the device is unusable: the daemon exits after this job (DEVICE_ERROR)
 
     @property
@@ -125,6 +128,7 @@ class JobExecutor:
         clock: Callable[[], float] = time.time,
         default_cap_s: float = DEFAULT_JOB_CAP_S,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        read_energy: Callable[[], Awaitable[Mapping[str, EnergyReading]]] | None = None,
     ) -> None:
         self.miner_id = miner_id
         self._key = signing_key
@@ -134,6 +138,7 @@ class JobExecutor:
         self._clock = clock
         self._cap_s = default_cap_s
         self._max_result_bytes = max_result_bytes
+        self._read_energy = read_energy
 
     def seconds_left(self, assigned: AssignedJob) -> float:
         """Time the job may take: until ``expires_at``, else ``ttl_seconds``, else the default cap."""
@@ -167,7 +172,9 @@ class JobExecutor:
             if run.cancelled_by_coordinator or run.shutdown:
                 job.cancel()
             runner = self._runners[request.model]
+            energy_before = await self._energy()
             result = await self._run(runner, job, left)
+            energy_after = await self._energy()
         except JobError as exc:
             return self._failed(run, exc.code, exc.message, started)
         except DeviceError as exc:
@@ -188,9 +195,14 @@ class JobExecutor:
             )
         # A job that finished although shutdown asked it to stop is delivered as a result.
         try:
-            return self._completed(runner, job, request, result, started, started_wall)
+            uuids = result.gpu_uuids or ((result.gpu_uuid,) if result.gpu_uuid else ())
+            energy = job_energy(energy_before, energy_after, uuids, result.gpu_seconds)
+            return self._completed(runner, job, request, result, started, started_wall, energy)
         except JobError as exc:  # the answer could not become a result body
             return self._failed(run, exc.code, exc.message, started)
+
+    async def _energy(self) -> Mapping[str, EnergyReading]:
+        return await self._read_energy() if self._read_energy is not None else {}
 
     async def _run(self, runner: Runner, job: Job, left: float) -> RunResult:
         try:
@@ -211,7 +223,14 @@ class JobExecutor:
         return failed_outcome(code, message, duration)
 
     def _completed(
-        self, runner: Runner, job: Job, request: TextRequest, result: RunResult, started: float, started_wall: float
+        self,
+        runner: Runner,
+        job: Job,
+        request: TextRequest,
+        result: RunResult,
+        started: float,
+        started_wall: float,
+        energy: tuple[float | None, str] = (None, "none"),
     ) -> Outcome:
         duration = time.monotonic() - started
         completed_wall = self._clock()
@@ -236,6 +255,16 @@ class JobExecutor:
             model_revision=result.model_revision,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
+            rerun=rerun_fields(
+                runner_version=runner_version(runner),
+                dtype=result.dtype,
+                device=result.device,
+                params=request.params.canonical(),
+                seed=request.params.seed,
+                sampling=request.params.sampling,
+            ),
+            energy_j=energy[0],
+            energy_method=energy[1],
         )
         signed = sign_receipt(receipt, self._key)
         duration_ms = round(duration * 1000, 3)
@@ -252,6 +281,8 @@ class JobExecutor:
             "gpu_uuid": result.gpu_uuid,
             "gpu_uuids": list(result.gpu_uuids) or None,
             "duration_ms": duration_ms,
+            "energy_j": receipt.get("energy_j"),
+            "energy_method": receipt["energy_method"],
         }
         for key, value in result.extra.items():
             metadata.setdefault(key, value)
@@ -280,4 +311,5 @@ class JobExecutor:
             completion_tokens=result.completion_tokens,
             tokens_per_s=tokens_per_s,
             units=receipt["units"],
+            energy_j=receipt.get("energy_j"),
         )

@@ -270,6 +270,7 @@ class JobPipeline:
             duration_s=outcome.duration_s,
             completion_tokens=outcome.completion_tokens,
             units=outcome.units,
+            energy_j=outcome.energy_j,
         )
         if self.activity is not None:
             self.activity.job_ended(outcome.outcome_label, outcome.completion_tokens, outcome.units)

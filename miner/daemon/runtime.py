@@ -20,7 +20,9 @@ from typing import Any
 import structlog
 
 from miner.daemon.settings import MinerSettings
+from miner.host.energy import EnergyMeter, EnergyReading
 from miner.host.fakenvml import FileNvml, simulated_host_warning
+from miner.host.gpuhealth import GpuHealthMonitor, HealthChange, XidWatcher, read_health
 from miner.host.nvml import Nvml
 from miner.ops.logs import safe_text
 from miner.ops.metrics import MinerMetrics
@@ -41,6 +43,35 @@ class Runtime:
     runners: dict[str, Runner] = field(default_factory=dict)
     runners_by_model: dict[str, Runner] = field(default_factory=dict)  # every configured model
     nvml: Nvml | None = None
+    health: GpuHealthMonitor | None = None  # None: no GPU, or health checks off
+    xids: XidWatcher | None = None
+    energy: EnergyMeter | None = None  # None: no GPU
+
+    async def read_energy(self) -> dict[str, EnergyReading]:
+        """Every GPU's energy counter now (NVML off the loop); ``{}`` on the CPU or when NVML fails."""
+        if self.energy is None or self.nvml is None or not self.nvml.available:
+            return {}
+        try:
+            return await asyncio.to_thread(self.energy.read)
+        except Exception as exc:  # energy is reported, never a reason to fail a job
+            log.warning("gpu_energy_unreadable", error=str(exc))
+            return {}
+
+    def gpu_serving(self, uuid: str) -> bool:
+        """Whether the GPU with ``uuid`` may take new jobs (the runners' ``RunnerContext.gpu_serving``)."""
+        return self.health is None or self.health.serving(uuid)
+
+    async def poll_health(self) -> list[HealthChange]:
+        """Read every GPU's health (NVML off the loop) and return the GPUs that were drained or serve again."""
+        if self.health is None or self.nvml is None or not self.nvml.available:
+            return []
+        module, gpus = self.nvml.module, list(self.gpus)
+        try:
+            readings = await asyncio.to_thread(read_health, module, gpus, self.xids)
+        except Exception as exc:  # a flaky NVML must not stop the miner
+            log.warning("gpu_health_unreadable", error=str(exc))
+            return []
+        return self.health.observe(readings, time.monotonic())
 
     def ready_models(self) -> list[str]:
         """Configured models their runner reports ready now (sorted); a broken runner counts as none."""
@@ -104,6 +135,8 @@ class Runtime:
             except Exception as exc:
                 log.warning("runner_close_failed", runner=name, error=f"{type(exc).__name__}: {exc}")
         self.runners.clear()
+        if self.xids is not None:
+            await asyncio.to_thread(self.xids.close)
         if self.nvml is not None:
             await asyncio.to_thread(self.nvml.close)
 
@@ -157,6 +190,15 @@ async def start_runtime(
             log.warning("simulated_gpu_host", detail=simulated_host_warning(settings.fake_nvml))
         runtime.nvml = Nvml(nvml)
         runtime.gpus = await asyncio.to_thread(runtime.nvml.start, settings.gpus.devices)
+        g = settings.gpus
+        if runtime.gpus and runtime.nvml.available:
+            runtime.energy = EnergyMeter(runtime.nvml.module, runtime.gpus)
+        if runtime.gpus and runtime.nvml.available and g.health_poll_s > 0:
+            runtime.health = GpuHealthMonitor(
+                runtime.gpus, drain_on=g.drain_on, critical_xids=g.critical_xids, recover_after_s=g.recover_after_s
+            )
+            runtime.xids = await asyncio.to_thread(XidWatcher, runtime.nvml.module, runtime.gpus)
+            await runtime.poll_health()  # a GPU already in trouble takes no job from the start
     try:
         free_vram = runtime.nvml.free_vram_probe() if runtime.nvml is not None else None
         context_gpus = tuple(runtime.gpus)
@@ -167,7 +209,13 @@ async def start_runtime(
                 else load_runner_class(runner_name)
             )
             state_dir = settings.state_dir / "runners" / runner_name
-            runner = cls(specs, RunnerContext(gpus=context_gpus, state_dir=state_dir, free_vram_mb=free_vram))
+            context = RunnerContext(
+                gpus=context_gpus,
+                state_dir=state_dir,
+                free_vram_mb=free_vram,
+                gpu_serving=runtime.gpu_serving if runtime.health is not None else None,
+            )
+            runner = cls(specs, context)
             started = time.monotonic()
             runtime.runners[runner_name] = runner
             for spec in specs:

@@ -50,6 +50,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from miner.host.gpuhealth import DEFAULT_CRITICAL_XIDS
 from miner.wire.errors import ConfigError
 from miner.wire.net import check_http_url, is_remote_plain_http, parse_host_port
 from miner.wire.secretfile import read_secret_file
@@ -104,9 +105,27 @@ class CoordinatorSettings(_Section):
         return value.rstrip("/")
 
 
+HealthCheck = Literal["ecc", "retired_pages", "xid", "thermal", "power_brake", "pcie"]
+
+
 class GpuSettings(_Section):
     enabled: bool = Field(default=True, description="false: CPU mode, NVML is not touched")
     devices: list[int | str] = Field(default_factory=list, description="indices or UUIDs; empty = all")
+    health_poll_s: float = Field(
+        default=5.0, ge=0, le=3600, description="read each GPU's health (ECC, Xid, throttling, PCIe) this often; 0: off"
+    )
+    drain_on: list[HealthCheck] = Field(
+        default_factory=lambda: list(get_args(HealthCheck)),
+        description="the health checks that stop a GPU taking new jobs (its running jobs finish)",
+    )
+    recover_after_s: float = Field(
+        default=60.0, ge=0, le=86_400,
+        description="a GPU drained by thermal, power-brake or PCIe trouble serves again once clear this long",
+    )
+    critical_xids: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_CRITICAL_XIDS),
+        description="Xid event codes that drain a GPU until the miner restarts",
+    )
 
 
 class MetricsSettings(_Section):

@@ -32,11 +32,26 @@ READINGS = {
     "compute_capability": "nvmlDeviceGetCudaComputeCapability",
     "pci_bus_id": "nvmlDeviceGetPciInfo",
     "energy_mj": "nvmlDeviceGetTotalEnergyConsumption",
+    "ecc": "nvmlDeviceGetTotalEccErrors",
+    "retired_pages": "nvmlDeviceGetRetiredPagesPendingStatus",
+    "throttle": "nvmlDeviceGetCurrentClocksEventReasons",
+    "pcie": "nvmlDeviceGetCurrPcieLinkWidth",
+    "events": "nvmlEventSetCreate",
     "utilization_pct": "nvmlDeviceGetUtilizationRates",
     "temperature_c": "nvmlDeviceGetTemperature",
     "power_w": "nvmlDeviceGetPowerUsage",
     "driver_version": "nvmlSystemGetDriverVersion",
     "cuda_version": "nvmlSystemGetCudaDriverVersion",
+}
+
+# pynvml's constants the fake module carries, as the real one does (values from pynvml itself).
+_CONSTANT_PREFIXES = ("NVML_", "nvmlClocksThrottleReason", "nvmlClocksEventReason", "nvmlEventType")
+
+_THROTTLE_BITS = {
+    "sw_thermal": "nvmlClocksThrottleReasonSwThermalSlowdown",
+    "hw_thermal": "nvmlClocksThrottleReasonHwThermalSlowdown",
+    "hw_slowdown": "nvmlClocksThrottleReasonHwSlowdown",
+    "power_brake": "nvmlClocksThrottleReasonHwPowerBrakeSlowdown",
 }
 
 _INIT_ERRORS = {
@@ -61,8 +76,9 @@ class FakeGpu:
     pci_bus_id: str | None = None  # default: derived from the index
     energy_mj: int = 0  # NVML's total energy counter (millijoules since the driver loaded)
     ecc_uncorrected: int = 0
-    xid: list[int] = field(default_factory=list)
-    throttle: list[str] = field(default_factory=list)
+    retired_pending: bool = False
+    xid: list[int] = field(default_factory=list)  # every critical Xid so far; new ones are delivered as events
+    throttle: list[str] = field(default_factory=list)  # sw_thermal, hw_thermal, hw_slowdown, power_brake
     pcie_width: int = 16
     pcie_max_width: int = 16
     unsupported: set[str] = field(default_factory=set)  # READINGS keys that raise NOT_SUPPORTED
@@ -96,6 +112,8 @@ class FakeNvml:
         for name in dir(pynvml):
             if name.startswith("NVML_ERROR_") or name.startswith("NVMLError_"):
                 setattr(self, name, getattr(pynvml, name))
+            elif name.startswith(_CONSTANT_PREFIXES) and isinstance(getattr(pynvml, name), int):
+                setattr(self, name, getattr(pynvml, name))  # the constants the health readings use
         self.gpus = list(gpus)
         for i, gpu in enumerate(self.gpus):
             if gpu.uuid is None:
@@ -212,6 +230,58 @@ class FakeNvml:
         gpu = self._device("nvmlDeviceGetTotalEnergyConsumption", "energy_mj", handle)
         return int(gpu.energy_mj)
 
+    def nvmlDeviceGetTotalEccErrors(self, handle: SimpleNamespace, error_type: int, counter_type: int) -> int:
+        gpu = self._device("nvmlDeviceGetTotalEccErrors", "ecc", handle)
+        nvml = self._pynvml
+        if error_type != nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED or counter_type != nvml.NVML_VOLATILE_ECC:
+            return 0
+        return int(gpu.ecc_uncorrected)
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: SimpleNamespace) -> int:
+        gpu = self._device("nvmlDeviceGetRetiredPagesPendingStatus", "retired_pages", handle)
+        return self._pynvml.NVML_FEATURE_ENABLED if gpu.retired_pending else self._pynvml.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: SimpleNamespace) -> int:
+        gpu = self._device("nvmlDeviceGetCurrentClocksEventReasons", "throttle", handle)
+        return sum(getattr(self._pynvml, _THROTTLE_BITS[name]) for name in set(gpu.throttle) if name in _THROTTLE_BITS)
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: SimpleNamespace) -> int:
+        return int(self._device("nvmlDeviceGetCurrPcieLinkWidth", "pcie", handle).pcie_width)
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: SimpleNamespace) -> int:
+        return int(self._device("nvmlDeviceGetMaxPcieLinkWidth", "pcie", handle).pcie_max_width)
+
+    # -- critical Xid events: each entry of a GPU's ``xid`` list is delivered once ----------
+
+    def nvmlEventSetCreate(self) -> SimpleNamespace:
+        self._enter("nvmlEventSetCreate", "events")
+        return SimpleNamespace(devices=[], delivered={})
+
+    def nvmlDeviceRegisterEvents(self, handle: SimpleNamespace, event_types: int, event_set: SimpleNamespace) -> None:
+        self._device("nvmlDeviceRegisterEvents", "events", handle)
+        event_set.devices.append(handle.index)
+
+    def nvmlEventSetWait_v2(self, event_set: SimpleNamespace, timeout_ms: int) -> SimpleNamespace:
+        self._enter("nvmlEventSetWait_v2", "events")
+        for index in event_set.devices:
+            if index >= len(self.gpus):
+                continue
+            gpu = self.gpus[index]
+            seen = event_set.delivered.get(gpu.uuid, 0)
+            if len(gpu.xid) > seen:
+                event_set.delivered[gpu.uuid] = seen + 1
+                return SimpleNamespace(
+                    device=SimpleNamespace(index=index, gpu=gpu),
+                    eventType=self._pynvml.nvmlEventTypeXidCriticalError,
+                    eventData=gpu.xid[seen],
+                    gpuInstanceId=0xFFFFFFFF,
+                    computeInstanceId=0xFFFFFFFF,
+                )
+        raise self._error("NVML_ERROR_TIMEOUT")
+
+    def nvmlEventSetFree(self, event_set: SimpleNamespace) -> None:
+        self.calls.append("nvmlEventSetFree")
+
 
 def h200s(count: int = 1, **kwargs: Any) -> FakeNvml:
     """A FakeNvml holding ``count`` idle H200s (the chip of the project's GPU checks)."""
@@ -324,12 +394,17 @@ def _parse_host(path: Path, data: Any) -> _Host:
                     temperature_c=int(entry.get("temperature_c", 35)),
                     power_w=float(entry.get("power_w", 75.0)),
                     pci_bus_id=str(entry["pci_bus_id"]) if entry.get("pci_bus_id") else None,
-                    energy_mj=int(entry.get("energy_mj", 0)),
+                    energy_mj=int(entry.get("energy_mj") or 0),
                     ecc_uncorrected=int(entry.get("ecc_uncorrected", 0)),
+                    retired_pending=bool(entry.get("retired_pending", False)),
                     xid=[int(x) for x in entry.get("xid", [])],
                     throttle=[str(t) for t in entry.get("throttle", [])],
                     pcie_width=int(entry.get("pcie_width", 16)),
                     pcie_max_width=int(entry.get("pcie_max_width", 16)),
+                    # "energy_mj": null is a GPU without the energy counter (before Volta);
+                    # "unsupported": [...] names any READINGS the GPU cannot give.
+                    unsupported={str(u) for u in entry.get("unsupported", [])}
+                    | ({"energy_mj"} if "energy_mj" in entry and entry["energy_mj"] is None else set()),
                 )
             )
         except (TypeError, ValueError, IndexError) as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,7 +11,8 @@ class HealthState:
     """What ``/healthz`` reports; the daemon writes the fields, the server reads them.
 
     Healthy only while registered, with a heartbeat acknowledged within three heartbeat
-    intervals, not draining, and with a writable state folder.
+    intervals, not draining, with a writable state folder, and with at least one GPU that
+    its health checks let serve (one drained GPU of several is reported, not unhealthy).
     """
 
     registered: bool = False
@@ -21,6 +22,8 @@ class HealthState:
     disk_ok: bool = True
     disk_reason: str = ""
     registration_error: str = ""  # why the miner is not registered yet (shown until it is)
+    gpus_drained: dict[int, str] = field(default_factory=dict)  # NVML index -> why it takes no new job
+    gpus_total: int = 0
 
     def check(self, now: float | None = None) -> tuple[bool, str]:
         """``(healthy, reason)``; the reason is ``"ok"`` when healthy."""
@@ -29,6 +32,9 @@ class HealthState:
             return False, "draining: not claiming, finishing in-flight jobs before exit"
         if not self.disk_ok:
             return False, f"state folder unusable: {self.disk_reason or 'write failed'}"
+        if self.gpus_total and len(self.gpus_drained) >= self.gpus_total:
+            why = "; ".join(f"GPU {i}: {reason}" for i, reason in sorted(self.gpus_drained.items()))
+            return False, f"no GPU can serve: {why}"
         if not self.registered:
             why = f": {self.registration_error}" if self.registration_error else ""
             return False, f"not registered with the coordinator{why}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -87,6 +88,12 @@ class MinerMetrics:
             ["model"],
             registry=r,
         )
+        self.energy = Counter(
+            PREFIX + "energy_joules",
+            "GPU energy of completed jobs, as put in their receipts (each job's share of its GPUs' energy).",
+            ["model"],
+            registry=r,
+        )
         self.inflight = Gauge(PREFIX + "inflight_jobs", "Jobs running now.", registry=r)
         self.job_room = Gauge(
             PREFIX + "job_room",
@@ -138,6 +145,18 @@ class MinerMetrics:
         )
         self.gpu_power = Gauge(PREFIX + "gpu_power_watts", "GPU power draw (NVML).", GPU_LABELS, registry=r)
         self.gpus = Gauge(PREFIX + "gpus", "GPUs this miner uses (0 in CPU mode).", registry=r)
+        self.gpu_serving = Gauge(
+            PREFIX + "gpu_serving",
+            "1 while a GPU takes new jobs, 0 while its health checks drain it.",
+            GPU_LABELS,
+            registry=r,
+        )
+        self.gpu_trouble = Gauge(
+            PREFIX + "gpu_trouble",
+            "1 for each health check a GPU fails now (ecc|retired_pages|xid|thermal|power_brake|pcie).",
+            ("gpu", "uuid", "check"),
+            registry=r,
+        )
         self.price = Gauge(
             PREFIX + "price_per_gpu_second", "The asking price advertised (per GPU-second of a job).", registry=r
         )
@@ -171,6 +190,7 @@ class MinerMetrics:
         duration_s: float,
         completion_tokens: int | None,
         units: float | None = None,
+        energy_j: float | None = None,
     ) -> None:
         """Count one ended job. ``units`` defaults to ``duration_s`` for a completed job."""
         code = error_code or "none"
@@ -186,6 +206,8 @@ class MinerMetrics:
         billed = units if units is not None else duration_s
         if _usable(billed):
             self.units.labels(model=model).inc(billed)
+        if energy_j is not None and _usable(energy_j):
+            self.energy.labels(model=model).inc(energy_j)
 
     def watch_activity(self, *, price: float, idle_for: Callable[[], float]) -> None:
         """Publish the advertised price, and the idle time as ``idle_for()`` says at each scrape."""
@@ -244,6 +266,18 @@ class MinerMetrics:
                 self.gpu_temperature.labels(**labels).set(gpu.temperature_c)
             if gpu.power_w is not None:
                 self.gpu_power.labels(**labels).set(gpu.power_w)
+
+    def set_gpu_health(self, gpus: Sequence[GpuInfo], report: Sequence[dict[str, Any]]) -> None:
+        """Per GPU: serving or drained, and the checks it fails (``report`` as the health monitor gives it)."""
+        names = {g.index: g.name for g in gpus}
+        self.gpu_serving.clear()
+        self.gpu_trouble.clear()
+        for entry in report:
+            index, uuid = str(entry["index"]), str(entry["uuid"])
+            name = names.get(int(entry["index"]), "")
+            self.gpu_serving.labels(gpu=index, uuid=uuid, name=name).set(0 if entry["state"] == "drained" else 1)
+            for check in entry.get("checks", ()):
+                self.gpu_trouble.labels(gpu=index, uuid=uuid, check=str(check)).set(1)
 
     def model_loaded(self, *, model: str, runner: str, load_seconds: float) -> None:
         if _usable(load_seconds):

@@ -1,6 +1,6 @@
 """Receipts: canonical JSON, Ed25519 signing and verification, and the miner's key file.
 
-The format is shared with the coordinator (see PROTOCOL.md, "Signature format"):
+The format is shared with the coordinator (docs/protocol.md, "Signature format"):
 
 * the message is the receipt without ``signature``, every ``None`` dropped recursively
   (list items too), dumped with sorted keys, compact separators and ``ensure_ascii=True``,
@@ -135,9 +135,17 @@ def build_miner_receipt(
     model_revision: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    rerun: dict[str, Any] | None = None,
+    energy_j: float | None = None,
+    energy_method: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The miner's receipt before signing (PROTOCOL.md, "The miner's receipt")."""
+    """The miner's receipt before signing (docs/protocol.md, "The miner's receipt").
+
+    ``rerun`` holds what a spot-check needs to run the job again and nothing secret
+    (:func:`rerun_fields`); ``energy_j`` is this job's share of its GPUs' energy and
+    ``energy_method`` how it was measured (``counter``, ``power_samples``, ``none``).
+    """
     tokens = {"prompt": prompt_tokens, "completion": completion_tokens}
     receipt: dict[str, Any] = {
         "version": "1.0",
@@ -158,9 +166,44 @@ def build_miner_receipt(
         "gpu_uuids": list(gpu_uuids) if len(gpu_uuids) > 1 else None,
         "runner": runner,
         "tokens": {k: v for k, v in tokens.items() if v is not None} or None,
+        "energy_j": round(energy_j, 6) if energy_j is not None else None,
+        "energy_method": energy_method,
         "nonce": secrets.token_hex(16),
     }
+    if rerun:
+        receipt.update(rerun)
     if extra:
         receipt.update(extra)
     cleaned: dict[str, Any] = drop_nones(receipt)
     return cleaned
+
+
+def params_sha256(params: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a job's parsed generation parameters."""
+    return sha256_hex(canonical_json(params))
+
+
+def rerun_fields(
+    *,
+    runner_version: str | None,
+    dtype: str | None,
+    device: str,
+    params: dict[str, Any],
+    seed: int | None,
+    sampling: str,
+) -> dict[str, Any]:
+    """The receipt fields a spot-check re-run needs: ``runner_version``, ``dtype``,
+    ``device_kind`` (``cpu``, ``cuda``, ... from the device name), ``params_sha256`` (of the
+    parsed parameters, see :func:`params_sha256`), ``seed`` and ``sampling`` (``greedy``,
+    ``seeded`` or ``unseeded``: only the first two are reproducible)."""
+    fields: dict[str, Any] = drop_nones(
+        {
+            "runner_version": runner_version,
+            "dtype": dtype,
+            "device_kind": device.split(":", 1)[0] or None,
+            "params_sha256": params_sha256(params),
+            "seed": seed,
+            "sampling": sampling,
+        }
+    )
+    return fields

@@ -20,7 +20,10 @@ def exported_names() -> set[str]:
     """Every sample name MinerMetrics renders once each of its methods has been called."""
     m = MinerMetrics()
     m.job_started(model="llama2")
-    m.job_finished(model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=10, units=1.0)
+    m.job_finished(
+        model="llama2", outcome="completed", error_code=None, duration_s=1.0, completion_tokens=10, units=1.0,
+        energy_j=250.0,
+    )
     m.job_finished(model="llama2", outcome="failed", error_code="OUT_OF_MEMORY", duration_s=0.2, completion_tokens=None)
     m.set_inflight(1)
     m.set_job_room(4)
@@ -30,6 +33,7 @@ def exported_names() -> set[str]:
     m.set_gpu_stats([GpuInfo(0, "GPU-1", "NVIDIA H200", 143771, 1000, None, "12.4", "9.0", 10.0, 40.0, 100.0)])
     m.model_loaded(model="llama2", runner="fake", load_seconds=0.5)
     m.set_loaded_models(["llama2"])
+    m.set_gpu_health([], [{"index": 0, "uuid": "GPU-1", "state": "drained", "checks": ["ecc"]}])
     return {s.name for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
 
 
@@ -61,7 +65,7 @@ def test_every_queried_metric_is_exported() -> None:
 
 
 def test_dashboard_covers_what_owners_watch() -> None:
-    """The dashboard shows jobs, earnings units, tokens/s, errors by code, GPU memory and temperature."""
+    """The dashboard shows jobs, earnings units, tokens/s, errors by code, GPU memory, temperature, health, energy."""
     text = " ".join(dashboard_queries())
     for needle in (
         "aitbc_miner_jobs_total",
@@ -70,6 +74,9 @@ def test_dashboard_covers_what_owners_watch() -> None:
         "by (error_code)",
         "aitbc_miner_gpu_memory_used_bytes",
         "aitbc_miner_gpu_temperature_celsius",
+        "aitbc_miner_gpu_serving",
+        "aitbc_miner_gpu_trouble",
+        "aitbc_miner_energy_joules_total",
     ):
         assert needle in text, needle
 

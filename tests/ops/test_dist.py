@@ -13,6 +13,7 @@ install, and ``pip check`` proves those links are all it needs.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -153,7 +154,7 @@ def test_sdist_and_wheel_build_without_a_deprecation_banner(built: dict[str, obj
 
 
 def test_fresh_venv_runs_the_daemon_without_the_coordinator_extra(fresh_venv: Path, tmp_path: Path) -> None:
-    """--version, --help, config and run (fake runner, one job against a real coordinator) from the wheel alone."""
+    """--version, --help, config, check and run (fake runner, one job against a real coordinator) from the wheel alone."""
     exe = str(fresh_venv / "bin" / "aitbc-miner")
     python = str(fresh_venv / "bin" / "python")
     env = _clean_env()
@@ -172,6 +173,8 @@ def test_fresh_venv_runs_the_daemon_without_the_coordinator_extra(fresh_venv: Pa
         config = _miner_config(tmp_path, coord)
         shown = _run([exe, "config", "--config", str(config)], cwd=tmp_path, env=env).stdout
         assert "models[0].runner" in shown and coord.miner_key not in shown
+        checked = _run([exe, "check", "--config", str(config), "--json"], cwd=tmp_path, env=env).stdout
+        assert json.loads(checked)["ok"] is True, checked  # it would serve: then run it
         with Client(coord.url, coord.client_key) as client:
             job_id = client.submit_job({"model": "llama2", "prompt": "from the wheel"}, ttl_seconds=120)["job_id"]
             proc = subprocess.run(
