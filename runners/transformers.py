@@ -180,6 +180,19 @@ class TransformersRunner:
                 return model
         return None
 
+    def tokenize(self, model: str, text: str) -> list[str]:
+        """``text`` split into the tokens of ``model``'s tokenizer (no special tokens), e.g. for
+        ``verify-job`` to name the first differing token; KeyError for a model not configured."""
+        loaded = self.loaded(model)
+        if loaded is not None:
+            tokenizer = loaded.tokenizer
+        else:
+            from runners.hf.model import load_tokenizer
+
+            tokenizer = load_tokenizer(self._entries[model])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
     def capacity(self) -> int:
         """Jobs the runner could hold at once now (see :meth:`DeviceWorker.capacity`), over its devices."""
         if self._closed or not self._started:

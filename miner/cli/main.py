@@ -105,6 +105,12 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify_job(args: argparse.Namespace) -> int:
+    from miner.cli.verifyjob import verify_job_command
+
+    return verify_job_command(args)
+
+
 def _need_coordinator_extra(command: str) -> None:
     """The local coordinator's web stack is an extra; say how to get it instead of a traceback."""
     missing = [m for m in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(m) is None]
@@ -306,6 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--public-key", default=None, help="expected signer's key_id (url-safe base64)")
     verify.add_argument("--public-key-file", default=None, metavar="FILE", help="file holding the expected key_id")
     verify.set_defaults(func=_cmd_verify_receipt)
+
+    verify_job = command(
+        "verify-job",
+        "spot-check a job: its receipt's signature and hashes, then (with --config) run it again and compare",
+        _epilog(
+            "aitbc-miner verify-job --result answer.json --public-key KEY_ID",
+            "aitbc-miner verify-job --result answer.json --config miner.toml --json",
+            note="FILE is the answer of GET /v1/jobs/{id}/result with the submitted payload added as \"payload\".\n"
+            "Exit status: 0 everything matches, 1 a check does not (named), 2 the file (or the configuration)\n"
+            "cannot be used, 3 the job was sampled without a seed and cannot be re-run to compare.\n"
+            + _SETTINGS_NOTE,
+        ),
+    )
+    from miner.cli.verifyjob import add_arguments as add_verify_job_arguments
+
+    add_verify_job_arguments(verify_job)
+    verify_job.set_defaults(func=_cmd_verify_job)
 
     coord = command(
         "coordinator",
