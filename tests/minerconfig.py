@@ -39,17 +39,20 @@ def write_miner_config(
     models: Sequence[Mapping[str, Any]],
     coordinator_options: Mapping[str, Any] | None = None,
     gpus: Mapping[str, Any] | None = None,
+    benchmark: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Path:
     """Write ``path``: top-level ``settings``, the coordinator (miner key unless
-    ``api_key_file`` is given), the ``[gpus]`` table (CPU mode unless given), and one
-    ``[[models]]`` table per mapping in ``models``."""
+    ``api_key_file`` is given), the ``[gpus]`` table (CPU mode unless given), the
+    ``[benchmark]`` table (off unless given: a start-up benchmark only where a test
+    measures it), and one ``[[models]]`` table per mapping in ``models``."""
     section = {"url": coordinator.url, **FAST_COORDINATOR, **(coordinator_options or {})}
     if "api_key_file" not in section:
         section["api_key"] = coordinator.miner_key
     text = _table({"miner_id": "rig-test", "state_dir": state_dir, **settings})
     text += "\n[coordinator]\n" + _table(section)
     text += "\n[gpus]\n" + _table(gpus if gpus is not None else {"enabled": False})
+    text += "\n[benchmark]\n" + _table(benchmark if benchmark is not None else {"enabled": False})
     text += "\n[metrics]\nenabled = false\n\n[log]\nformat = \"json\"\n"
     for model in models:
         text += "\n[[models]]\n" + _table(model)

@@ -34,6 +34,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return check_command(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from miner.cli.bench import bench_command
+
+    return bench_command(args)
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from miner.daemon.keyfile import KEY_FILE_NAME, load_or_create_key
     from miner.wire.receipts import key_id
@@ -54,7 +60,8 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     """Verify a miner's or a coordinator's receipt (same envelope, same verifier).
 
     Accepts a bare receipt, a body or answer holding ``receipt`` (and ``coordinator_receipt``),
-    or a list of receipts (``GET /v1/jobs/{id}/receipts``). With ``--public-key`` every
+    or a list of receipts (``GET /v1/jobs/{id}/receipts``); a capability benchmark record, a
+    list of them (``aitbc-miner bench --json``) or capabilities holding ``benchmarks``. With ``--public-key`` every
     receipt must be signed by that key, except in an answer or a list, where the receipts
     signed by another key are checked for integrity only and at least one must match.
     Exit status: 0 valid, 1 invalid, 2 unreadable.
@@ -71,6 +78,8 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
     elif isinstance(data, dict) and ("receipt" in data or "coordinator_receipt" in data):
         receipts = [r for r in (data.get("receipt"), data.get("coordinator_receipt")) if r is not None]
         receipts = [r for i, r in enumerate(receipts) if r not in receipts[:i]]
+    elif isinstance(data, dict) and isinstance(data.get("benchmarks"), list) and "signature" not in data:
+        receipts = list(data["benchmarks"])  # registered capabilities: their benchmark records
     else:
         receipts = [data]
     if not receipts:
@@ -97,8 +106,12 @@ def _cmd_verify_receipt(args: argparse.Namespace) -> int:
             if pin
             else "its embedded key_id (integrity only: pass --public-key to check the signer)"
         )
-        print(f"OK: receipt for job {receipt.get('job_id')} from {signer}, signed by {key_id(key)}, "
-              f"verified against {checked}")
+        what = (
+            f"benchmark record for model {receipt.get('model')} on GPU {receipt.get('gpu_uuid')}"
+            if receipt.get("kind") == "capability_benchmark"
+            else f"receipt for job {receipt.get('job_id')}"
+        )
+        print(f"OK: {what} from {signer}, signed by {key_id(key)}, verified against {checked}")
     if public_key and not matched:
         print("INVALID: no receipt here is signed by the given public key", file=sys.stderr)
         return 1
@@ -253,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_arguments(check)
     check.set_defaults(func=_cmd_check)
 
+    bench = command(
+        "bench",
+        "measure the signed capability benchmark now (tokens/s at batch 1 and at the model's batch size, time to "
+        "first token, per model and GPU), rewrite the cache and print it; stop the running miner first",
+        _epilog(
+            "aitbc-miner bench --config /etc/aitbc-miner/miner.toml",
+            "AITBC_MINER_BENCHMARK__MAX_NEW_TOKENS=64 aitbc-miner bench --config miner.toml",
+            "aitbc-miner bench --config miner.toml --json > bench.json && aitbc-miner verify-receipt bench.json",
+            note="Loads the models as `run` does (benchmark.max_new_tokens, benchmark.timeout_s apply). Exit status:\n"
+            "0 every model measured, 1 one failed or a miner holds the state folder, 2 the settings do not load.\n"
+            + _SETTINGS_NOTE,
+        ),
+    )
+    _add_config_option(bench)
+    from miner.cli.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
     probe = command(
         "probe",
         "print what this miner would register (GPUs, models, runners); changes nothing",
@@ -301,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = command(
         "verify-receipt",
-        "verify a signed receipt (JSON file, or - for stdin)",
+        "verify a signed receipt or capability benchmark record (JSON file, or - for stdin)",
         _epilog(
             "aitbc-miner verify-receipt result.json --public-key KEY_ID",
             "curl -s .../result | aitbc-miner verify-receipt -",

@@ -3,7 +3,8 @@
 Start-up, cheapest and most likely to be wrong first, so a mistake shows in a second,
 not after a 13 GB model load: lock the state folder (one miner per folder), the receipt
 key, the outbox, bind the metrics/health port, build the coordinator client (the CA
-file), then start the runners (model loads), then ``READY=1``. Registration is not part
+file), then start the runners (model loads), then the capability benchmark
+(:mod:`miner.daemon.benchmark`: measured, or reused from its cache), then ``READY=1``. Registration is not part
 of start-up: it runs inside the TaskGroup and retries forever, so a coordinator that is
 down for a while never gets the service killed and its models reloaded.
 
@@ -34,6 +35,7 @@ import httpx
 import structlog
 
 from miner import __version__
+from miner.daemon.benchmark import published, run_benchmarks
 from miner.daemon.capabilities import build_capabilities
 from miner.daemon.claiming import Claimer
 from miner.daemon.client import CoordinatorClient
@@ -114,6 +116,7 @@ class Agent:
         self.fatal = False  # a device error: exit non-zero so systemd restarts the process
         self.exit_reason = ""
         self.key_id: str | None = None
+        self.benchmarks: list[dict[str, Any]] = []  # the signed capability benchmark records
         self.lock = StateLock(settings.state_dir)
         self.outbox = Outbox(settings.state_dir, fsync=fsync or os.fsync)
         self.runtime: Runtime | None = None
@@ -224,6 +227,9 @@ class Agent:
         self.runtime = await start_runtime(
             s, nvml=self._nvml, gpus=self._gpus_override, runner_classes=self._runner_classes, metrics=self.metrics
         )
+        if s.benchmark.enabled:  # before registering, so the first registration carries the records
+            self.notifier.status("measuring the capability benchmark")
+            self.benchmarks = (await run_benchmarks(self.runtime, s, key, stop=self.should_exit)).records
         self._assemble(key)
         self._health_changed([])  # GPUs already in trouble at start are reported now
         assert self.session is not None
@@ -343,6 +349,7 @@ class Agent:
             region=self.settings.region,
             key_id=self.key_id,
             runners=runtime.models_by_runner(ready),
+            benchmarks=published(self.benchmarks, ready) if self.settings.benchmark.enabled else None,
         )
 
     # -- the loops ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The reference coordinator matches ``gpus[].name``, ``gpus[].memory_mb``, ``cuda``,
 ``models`` and ``price`` (docs/protocol.md) and stores every other key, so the miner
 adds its receipt key, software version, runners and per-GPU details. ``None`` readings are
-left out rather than sent as ``null``.
+left out rather than sent as ``null``. ``benchmarks`` holds the signed capability benchmark
+records (:mod:`miner.daemon.benchmark`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def build_capabilities(
     key_id: str | None = None,
     runners: Mapping[str, Sequence[str]] | None = None,
     version: str = __version__,
+    benchmarks: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The ``capabilities`` object of ``POST /v1/miners/register``.
 
     ``models`` must be the job-facing names that are ready to serve now; ``runners`` maps
-    each runner name to the models it serves.
+    each runner name to the models it serves; ``benchmarks`` (signed records, one per model
+    and GPU) is published as given, ``None`` leaves the key out.
     """
     caps: dict[str, Any] = {
         "gpus": [gpu_capability(g) for g in gpus],
@@ -67,4 +70,6 @@ def build_capabilities(
         caps["receipt_key"] = {"alg": "Ed25519", "key_id": key_id}
     if runners is not None:
         caps["runners"] = {name: list(names) for name, names in runners.items()}
+    if benchmarks is not None:
+        caps["benchmarks"] = [dict(record) for record in benchmarks]
     return caps

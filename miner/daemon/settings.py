@@ -150,6 +150,22 @@ class LogSettings(_Section):
     )
 
 
+class BenchmarkSettings(_Section):
+    enabled: bool = Field(
+        default=True,
+        description="measure each served model on each GPU at start (or reuse the cached record) and publish "
+        "the signed records in the capabilities",
+    )
+    max_new_tokens: int = Field(
+        default=32, ge=1, le=4096, description="new tokens each benchmark job generates (greedy, fixed prompts)"
+    )
+    timeout_s: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="the longest one benchmark step (a job, or a batch of jobs) may take; past it the model "
+        "is published without a record",
+    )
+
+
 class MinerSettings(BaseSettings):
     """Every setting of the daemon. See ``config/miner.toml`` for a commented example."""
 
@@ -179,6 +195,7 @@ class MinerSettings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    benchmark: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
 
     # Set by load_settings; not settings.
     _config_path: Path | None = None

@@ -54,6 +54,7 @@ def miner_settings(state_dir: Path, url: str = "http://127.0.0.1:9", **overrides
         "metrics": {"enabled": False},
         "models": [{"name": "llama2", "runner": "fake", "delay_s": 0.02}],
         "drain_grace_s": 5,
+        "benchmark": {"enabled": False},  # tests that measure turn it on
     }
     return load_settings(None, **_merge(base, overrides))
 
