@@ -408,7 +408,7 @@ def _check_transformers(
 ) -> None:
     from runners.base import parse_options
     from runners.hf import source
-    from runners.hf.memory import DTYPE_BYTES, MiB, ModelShape, estimate_bytes, mib
+    from runners.hf.memory import DTYPE_BYTES, MiB, estimate_bytes, mib
     from runners.hf.options import CPU_PLAN, DevicePlan, TransformersOptions, choose_dtype
     from runners.placement import place_model
 
@@ -430,20 +430,7 @@ def _check_transformers(
             f"{where}.path: no tokenizer in {folder} (tokenizer.json, tokenizer.model or vocab files); "
             "save the tokenizer beside the model with save_pretrained"
         )
-    raw = source.read_config(folder)
-    try:
-        shape = ModelShape.from_config(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{where}.path: config.json lacks a decoder shape ({exc}); is this a causal language model?"
-        ) from exc
-    context = shape.max_positions or 1_000_000
-    max_prompt = options.max_prompt_tokens or max(1, context - 1)
-    if max_prompt >= context:
-        raise ConfigError(
-            f"{where}.max_prompt_tokens: {max_prompt} leaves no room in the model's context of {context} tokens; "
-            "lower it"
-        )
+    raw, shape, context, max_prompt = source.read_limits(where, folder, options.max_prompt_tokens)
     try:
         params = source.parameter_count(folder)
     except (OSError, ValueError, KeyError) as exc:

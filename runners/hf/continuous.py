@@ -264,7 +264,7 @@ def _failure(manager: Any) -> BaseException:
     """The error that failed a request: the generation thread's fatal error (recorded just after it fails them)."""
     give_up = time.monotonic() + FAILURE_WAIT_S
     while manager.background_thread_status.fatal_error is None and manager.is_running() and time.monotonic() < give_up:
-        time.sleep(POLL_S)
+        time.sleep(POLL_S)  # on the runner's worker thread, never the event loop; the library offers nothing to wait on
     fatal = manager.background_thread_status.fatal_error
     return fatal if fatal is not None else RuntimeError("continuous batching failed a request of this batch")
 

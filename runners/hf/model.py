@@ -50,21 +50,9 @@ def resolve_entry(name: str, options: TransformersOptions, plan: DevicePlan) -> 
         AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{where}.path: transformers cannot read the config in {folder}: {exc}") from exc
-    raw = source.read_config(folder)
-    try:
-        shape = ModelShape.from_config(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{where}.path: config.json lacks a decoder shape ({exc}); is this a causal language model?"
-        ) from exc
+    raw, shape, context, max_prompt = source.read_limits(where, folder, options.max_prompt_tokens)
     bf16_ok = plan.is_cuda and all(torch.cuda.get_device_capability(i) >= (8, 0) for i in plan.cuda_indices)
     dtype = choose_dtype(options.dtype, raw.get("dtype") or raw.get("torch_dtype"), plan, bf16_ok)
-    context = shape.max_positions or 1_000_000
-    max_prompt = options.max_prompt_tokens or max(1, context - 1)
-    if max_prompt >= context:
-        raise ConfigError(
-            f"{where}.max_prompt_tokens: {max_prompt} leaves no room in the model's context of {context} tokens"
-        )
     revision = options.revision if source.is_hub_id(options.path) else source.fingerprint(folder)
     return ModelEntry(
         name=name,

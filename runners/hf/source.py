@@ -17,11 +17,12 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
 from miner.wire.errors import ConfigError, StartupError
+from runners.hf.memory import ModelShape
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -91,6 +92,35 @@ def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` as a dict (checked to exist by :func:`check_model_dir`)."""
     data = _read_json(folder / "config.json")
     return data if isinstance(data, dict) else {}
+
+
+class ModelLimits(NamedTuple):
+    """What a model folder's ``config.json`` says of the model, with the prompt limit checked."""
+
+    config: dict[str, Any]
+    shape: ModelShape
+    context: int  # the model's context in tokens
+    max_prompt_tokens: int  # the configured limit, or all the context but one token
+
+
+def read_limits(where: str, folder: Path, max_prompt_tokens: int | None) -> ModelLimits:
+    """Read ``config.json``'s decoder shape and check ``max_prompt_tokens`` against its context;
+    a :class:`ConfigError` naming ``where`` otherwise (start-up and ``aitbc-miner check`` alike)."""
+    config = read_config(folder)
+    try:
+        shape = ModelShape.from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}.path: config.json lacks a decoder shape ({exc}); is this a causal language model?"
+        ) from exc
+    context = shape.max_positions or 1_000_000
+    max_prompt = max_prompt_tokens or max(1, context - 1)
+    if max_prompt >= context:
+        raise ConfigError(
+            f"{where}.max_prompt_tokens: {max_prompt} leaves no room in the model's context of {context} tokens; "
+            "lower it"
+        )
+    return ModelLimits(config, shape, context, max_prompt)
 
 
 def fetch(where: str, path: str, revision: str | None) -> Path:
