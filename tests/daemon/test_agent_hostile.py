@@ -300,7 +300,11 @@ def test_unwritable_state_stops_claiming_until_it_recovers(tmp_path: Path) -> No
         async with asyncio.timeout(20):
             while "j1" not in agent.inflight:
                 await asyncio.sleep(0.01)
-        shutil.rmtree(outbox_dir)  # while j1 runs, so its result cannot be written
+        # While j1 runs, so its result cannot be written. Renamed away first: the miner's disk
+        # probe writes and deletes files in the folder, which would race a plain rmtree.
+        gone = outbox_dir.with_name("outbox.gone")
+        outbox_dir.rename(gone)
+        shutil.rmtree(gone)
         outbox_dir.write_text("the disk is gone")
         await coord.wait_for(lambda: "j1" in coord.results)
         assert not agent.health.disk_ok and "cannot write" in agent.health.disk_reason
