@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import Client
+from coordinator.store import Store
 from miner.daemon.keyfile import KEY_FILE_NAME, load_key
 from miner.wire.receipts import verify_receipt
 from tests.minerconfig import write_miner_config
@@ -99,6 +100,16 @@ def test_aitbc_miner_run_serves_and_cancels_jobs_through_the_engine(
     assert PROMPT not in log_text  # the miner never logs a prompt
 
 
+def _registered_models(coordinator: RunningCoordinator, miner_id: str) -> list[str] | None:
+    """The models the coordinator holds for ``miner_id`` now (its file), ``None`` before it registers."""
+    store = Store(coordinator.db_path)
+    try:
+        miner = store.get_miner(miner_id)
+    finally:
+        store.close()
+    return None if miner is None else list(miner.capabilities.get("models", []))
+
+
 def test_daemon_follows_the_engine_going_away_and_coming_back(
     tmp_path: Path, coordinator: RunningCoordinator, coordinator_client: Client, engine: Engine
 ) -> None:
@@ -121,7 +132,12 @@ def test_daemon_follows_the_engine_going_away_and_coming_back(
             engine.restart()
             first_done = await asyncio.to_thread(coordinator_client.wait, first["job_id"], 60)
             engine.stop()
-            assert await wait_until(lambda: agent.capabilities.get("models") == [], timeout=30), "model not withdrawn"
+            # Withdrawn at the coordinator too: a job submitted before the re-registration lands could
+            # still be handed to a parked poll on the strength of the old one.
+            assert await wait_until(
+                lambda: agent.capabilities.get("models") == [] and _registered_models(coordinator, "openai-e2e") == [],
+                timeout=30,
+            ), "model not withdrawn"
             while_down = list(agent.capabilities["models"])
             second = await asyncio.to_thread(coordinator_client.submit_job, job, models)
             engine.restart()
